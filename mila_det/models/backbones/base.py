@@ -1,0 +1,72 @@
+"""What MILA and VMamba share as MMDetection backbones: stage indices,
+freezing, and initialisation from an official checkpoint."""
+from typing import List, Sequence, Tuple
+
+import torch.nn as nn
+from mmengine.model import BaseModule
+
+from mila_det.utils.checkpoint import load_pretrained
+
+
+class StageBackbone(BaseModule):
+    """Base of four-stage backbones with a stem ``patch_embed``, stages
+    ``layers[i]`` (each holding its own downsample) and output norms named
+    ``{norm_prefix}{i}``.
+
+    Subclasses set ``ignored_keys`` (checkpoint keys unused by design) and
+    ``norm_prefix``, and implement ``_reset_parameters``.
+    """
+    ignored_keys: Tuple[str, ...] = ()
+    norm_prefix = 'norm'
+
+    @staticmethod
+    def _check_stages(name: str, num_stages: int, out_indices: Sequence[int],
+                      frozen_stages: int) -> Tuple[int, ...]:
+        indices = [i + num_stages if i < 0 else i for i in out_indices]
+        if not indices or any(not 0 <= i < num_stages for i in indices):
+            raise ValueError(f'{name}: out_indices {tuple(out_indices)} must '
+                             f'name stages in 0..{num_stages - 1}')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'{name}: frozen_stages={frozen_stages} must be '
+                             f'in -1..{num_stages}')
+        return tuple(indices)
+
+    def _reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """Random init, or the checkpoint named by a ``Pretrained`` init_cfg
+        (official ImageNet or COCO files; see
+        :func:`mila_det.utils.checkpoint.load_pretrained`)."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            load_pretrained(self, cfg.get('checkpoint'),
+                            ignore=self.ignored_keys,
+                            prefix=cfg.get('prefix', 'backbone.'))
+            self._is_init = True
+        elif cfg is None:
+            self._reset_parameters()
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        mods: List[nn.Module] = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            mods.append(self.layers[i])
+            if i in self.out_indices:
+                mods.append(getattr(self, f'{self.norm_prefix}{i}'))
+        return mods
+
+    def _freeze_stages(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'StageBackbone':
+        super().train(mode)
+        self._freeze_stages()
+        return self

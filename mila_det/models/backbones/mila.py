@@ -1,0 +1,292 @@
+"""MILA backbone for MMDetection.
+
+MILA (Mamba-Inspired Linear Attention; MLLA in the authors' code) from
+"Demystify Mamba in Vision: A Linear Attention Perspective" (Han et al.,
+NeurIPS 2024). Parameter names are those of the official checkpoints, so
+ImageNet (``MLLA_T.pth`` ...) and COCO releases load without renaming.
+Unlike the authors' detection code, any input size works: the stem pads to a
+multiple of 4, downsampling pads odd maps, and the 2-D RoPE table is built
+for the actual grid of every stage (once per size, then cached).
+"""
+import copy
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmdet.registry import MODELS
+from mmengine.model.weight_init import trunc_normal_
+from torch import Tensor
+
+from mila_det.ops import rope_table
+from ..layers import MILABlock
+from .base import StageBackbone
+
+# Tensors of official checkpoints that a detection backbone does not use:
+# the ImageNet classifier and its final norm, and the RoPE tables (derived
+# from the grid size, rebuilt here for the real input size).
+MILA_IGNORED_KEYS = (r'head\..*', r'norm\.(weight|bias)',
+                     r'layers\.\d+\.blocks\.\d+\.attn\.rope\.rotations')
+
+
+class ConvLayer(nn.Module):
+    """Conv2d, then BatchNorm2d (``norm``) and ReLU (``act``) if asked."""
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: int = 3,
+                 stride: int = 1,
+                 padding: int = 0,
+                 groups: int = 1,
+                 bias: bool = True,
+                 norm: bool = True,
+                 act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                              padding, groups=groups, bias=bias)
+        self.norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = nn.ReLU() if act else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+class Stem(nn.Module):
+    """Convolutional stem, stride 4: ``[B, 3, H, W] -> [B, C, H/4, W/4]``.
+
+    The image is zero-padded at the right and bottom to a multiple of 4.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int) -> None:
+        super().__init__()
+        half = embed_dims // 2
+        self.conv1 = ConvLayer(in_channels, half, 3, 2, 1, bias=False)
+        self.conv2 = nn.Sequential(
+            ConvLayer(half, half, 3, 1, 1, bias=False),
+            ConvLayer(half, half, 3, 1, 1, bias=False, act=False))
+        self.conv3 = nn.Sequential(
+            ConvLayer(half, embed_dims * 4, 3, 2, 1, bias=False),
+            ConvLayer(embed_dims * 4, embed_dims, 1, bias=False, act=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % 4 or w % 4:
+            x = F.pad(x, (0, -w % 4, 0, -h % 4))
+        x = self.conv1(x)
+        x = self.conv2(x) + x
+        return self.conv3(x)
+
+
+class PatchMerging(nn.Module):
+    """Stride-2 downsample ``[B, C, H, W] -> [B, 2C, ceil(H/2), ceil(W/2)]``:
+    1x1 expand to 8C, depthwise 3x3 stride 2, 1x1 project to 2C with BN."""
+
+    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(2 * dim * ratio)
+        self.conv = nn.Sequential(
+            ConvLayer(dim, hidden, 1, norm=False),
+            ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False),
+            ConvLayer(hidden, 2 * dim, 1, act=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        return self.conv(x)
+
+
+class MILALayer(nn.Module):
+    """One stage: ``depth`` MILA blocks, then an optional downsample.
+
+    Args:
+        dim (int): Token width of the stage.
+        depth (int): Number of blocks.
+        num_heads (int): Attention heads.
+        mlp_ratio (float): MLP hidden width over ``dim``.
+        qkv_bias (bool): Bias on the ``qk`` projections.
+        drop_paths (Sequence[float]): Stochastic depth rate of each block.
+        downsample (bool): Whether a :class:`PatchMerging` follows.
+        with_cp (bool): Gradient checkpointing of each block.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float, qkv_bias: bool,
+                 drop_paths: Sequence[float], downsample: bool,
+                 with_cp: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.with_cp = with_cp
+        self.blocks = nn.ModuleList([
+            MILABlock(dim, num_heads, mlp_ratio, qkv_bias, drop_paths[i])
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``x: [B, C, H, W]`` -> (stage output ``[B, C, H, W]``, input of
+        the next stage)."""
+        b, c, h, w = x.shape
+        hw = (h, w)
+        rope = rope_table(h, w, c, x.device)
+        tokens = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            if self.with_cp and tokens.requires_grad:
+                tokens = cp.checkpoint(block, tokens, hw, rope,
+                                       use_reentrant=False)
+            else:
+                tokens = block(tokens, hw, rope)
+        out = tokens.transpose(1, 2).reshape(b, c, h, w)
+        nxt = self.downsample(out) if self.downsample is not None else out
+        return out, nxt
+
+
+@MODELS.register_module()
+class MILA(StageBackbone):
+    """MILA backbone returning multi-scale NCHW maps (strides 4/8/16/32).
+
+    Args:
+        arch (str | dict): ``'t'``/``'tiny'``, ``'s'``/``'small'``,
+            ``'b'``/``'base'``, or a dict with ``embed_dims``, ``depths`` and
+            ``num_heads``. Defaults to ``'tiny'``.
+        in_channels (int): Image channels. Defaults to 3.
+        mlp_ratio (float): MLP hidden width over the token width.
+            Defaults to 4.
+        qkv_bias (bool): Bias on the attention ``qk`` projection.
+            Defaults to True.
+        drop_path_rate (float): Stochastic depth, growing linearly from 0 over
+            all blocks. Defaults to 0.1.
+        out_indices (Sequence[int]): Stages whose (normalised) outputs are
+            returned. Defaults to (0, 1, 2, 3).
+        frozen_stages (int): -1 freezes nothing; 0 the stem; i >= 1 the stem,
+            stages 0..i-1 (with their downsamples) and their output norms.
+            Defaults to -1.
+        with_cp (bool): Gradient checkpointing in every block. Defaults to
+            False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...)``
+            loads an official ImageNet or COCO checkpoint (see
+            :func:`mila_det.utils.checkpoint.load_pretrained`). Defaults to
+            None (random init as the authors').
+    """
+    ignored_keys = MILA_IGNORED_KEYS
+    arch_zoo: Dict[str, dict] = {
+        **dict.fromkeys(['t', 'tiny'], dict(
+            embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))),
+        **dict.fromkeys(['s', 'small'], dict(
+            embed_dims=64, depths=(3, 6, 21, 6), num_heads=(2, 4, 8, 16))),
+        **dict.fromkeys(['b', 'base'], dict(
+            embed_dims=96, depths=(3, 6, 21, 6), num_heads=(3, 6, 12, 24))),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        self.arch_settings = self._parse_arch(arch)
+        embed_dims = self.arch_settings['embed_dims']
+        depths = list(self.arch_settings['depths'])
+        num_heads = list(self.arch_settings['num_heads'])
+        num_stages = len(depths)
+        self.num_features = [embed_dims * 2**i for i in range(num_stages)]
+        self.out_indices = self._check_stages('MILA', num_stages, out_indices,
+                                              frozen_stages)
+        self.frozen_stages = frozen_stages
+
+        self.patch_embed = Stem(in_channels, embed_dims)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(num_stages):
+            start = sum(depths[:i])
+            self.layers.append(
+                MILALayer(self.num_features[i], depths[i], num_heads[i],
+                          mlp_ratio, qkv_bias, dpr[start:start + depths[i]],
+                          downsample=i < num_stages - 1, with_cp=with_cp))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+        self._reset_parameters()
+        self._freeze_stages()
+
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                raise KeyError(f'MILA: unknown arch {arch!r}; choose from '
+                               f'{sorted(cls.arch_zoo)} or pass a dict')
+            return dict(cls.arch_zoo[key])
+        required = {'embed_dims', 'depths', 'num_heads'}
+        if not isinstance(arch, dict) or not required <= set(arch):
+            raise ValueError(f'MILA: a custom arch must be a dict with keys '
+                             f'{sorted(required)}, got {arch!r}')
+        if len(arch['depths']) != len(arch['num_heads']):
+            raise ValueError('MILA: depths and num_heads differ in length')
+        return dict(arch)
+
+    def _reset_parameters(self) -> None:
+        """The authors' initialisation: trunc-normal(0.02) Linear weights with
+        zero bias, unit LayerNorms; convolutions keep PyTorch's default."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """``x: [B, 3, H, W]`` (any H, W) -> one ``[B, C_i, H_i, W_i]`` map per
+        index in ``out_indices``; ``H_0 = ceil(H / 4)``, halving (rounded up)
+        at each later stage."""
+        if x.dim() != 4:
+            raise ValueError(f'MILA expects images [B, C, H, W], got shape '
+                             f'{tuple(x.shape)}')
+        x = self.patch_embed(x)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            out, x = layer(x)
+            if i in self.out_indices:
+                norm = getattr(self, f'norm{i}')
+                out = norm(out.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                outs.append(out.contiguous())
+        return tuple(outs)
+
+
+@MODELS.register_module()
+class MLLA(MILA):
+    """MILA under its authors' name, accepting their config keywords.
+
+    ``embed_dim``/``depths``/``num_heads`` build the arch, ``use_checkpoint``
+    maps to ``with_cp``; ``img_size``, ``patch_size`` (must be 4),
+    ``in_chans``, ``num_classes``, ``qk_scale`` and ``drop_rate`` (must be 0)
+    are accepted as the authors' configs pass them.
+    """
+
+    def __init__(self, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24),
+                 use_checkpoint: bool = False, img_size: int = 224,
+                 patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 1000, qk_scale: Optional[float] = None,
+                 drop_rate: float = 0.0, **kwargs) -> None:
+        if patch_size != 4 or drop_rate or qk_scale is not None:
+            raise ValueError('MLLA: only patch_size=4, drop_rate=0 and '
+                             'qk_scale=None exist in the official models')
+        arch = kwargs.pop('arch', dict(embed_dims=embed_dim, depths=depths,
+                                       num_heads=num_heads))
+        kwargs.setdefault('with_cp', use_checkpoint)
+        super().__init__(arch=arch, in_channels=in_chans, **kwargs)

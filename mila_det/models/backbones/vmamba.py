@@ -1,0 +1,221 @@
+"""VMamba backbone for MMDetection.
+
+VMamba: "VMamba: Visual State Space Model" (Liu et al., NeurIPS 2024), in
+the configuration of its authors' detection models: ``forward_type
+"v05_noz"``, channel-first layers, patch embed v2, downsample v3. Parameter
+names are the official ones, so ``vssm1_tiny_0230s_ckpt_epoch_264.pth`` and
+its siblings load as released. No CUDA extension is needed: the scan runs as
+Triton kernels on CUDA and as a chunked PyTorch scan elsewhere.
+"""
+import copy
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+from mmdet.registry import MODELS
+from torch import Tensor
+
+from ..layers.vmamba_block import (LayerNorm2d, VSSBlock,
+                                   init_vmamba_linear_and_norms)
+from .base import StageBackbone
+
+# Official ImageNet tensors a detection backbone does not use.
+VMAMBA_IGNORED_KEYS = (r'classifier\..*', )
+
+
+class VMambaLayer(nn.Module):
+    """One stage: ``blocks`` (VSS blocks) then ``downsample`` (a stride-2
+    3x3 conv and LayerNorm2d, or Identity in the last stage)."""
+
+    def __init__(self, dim: int, depth: int, drop_paths: Sequence[float],
+                 downsample: bool, with_cp: bool, **block_args) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.blocks = nn.Sequential(*[
+            VSSBlock(dim, drop_path=drop_paths[i], **block_args)
+            for i in range(depth)
+        ])
+        if downsample:
+            self.downsample = nn.Sequential(
+                nn.Identity(), nn.Conv2d(dim, 2 * dim, 3, 2, 1), nn.Identity(),
+                LayerNorm2d(2 * dim))
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``x: [B, C, H, W]`` -> (stage output, next stage's input)."""
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, self.downsample(x)
+
+
+@MODELS.register_module()
+class VMamba(StageBackbone):
+    """VMamba backbone returning NCHW maps at strides 4/8/16/32.
+
+    Args:
+        arch (str | dict): ``'t'``/``'tiny'``, ``'s'``/``'small'``,
+            ``'b'``/``'base'``, or a dict with ``dims`` (int: width of stage 0,
+            doubled per stage; or four ints), ``depths``, ``ssm_ratio`` and
+            ``d_state``. Defaults to ``'tiny'``.
+        dims, depths, ssm_ratio, d_state: Override the arch's value.
+            Defaults to None (keep it).
+        dt_rank (int | str): Rank of the step projection; ``'auto'`` is
+            ``ceil(C / 16)``. Defaults to ``'auto'``.
+        mlp_ratio (float): MLP hidden width over C. Defaults to 4.
+        in_channels (int): Image channels. Defaults to 3.
+        drop_path_rate (float): Stochastic depth, linear over all blocks.
+            Defaults to 0.2.
+        out_indices (Sequence[int]): Stages returned (each through
+            ``outnorm{i}``). Defaults to (0, 1, 2, 3).
+        frozen_stages (int): -1 nothing; 0 the stem; i >= 1 the stem and
+            stages 0..i-1 with their downsamples and output norms.
+            Defaults to -1.
+        with_cp (bool): Gradient checkpointing per block. Defaults to False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...)``
+            for official ImageNet or COCO files. Defaults to None.
+    """
+    ignored_keys = VMAMBA_IGNORED_KEYS
+    norm_prefix = 'outnorm'
+    arch_zoo: Dict[str, dict] = {
+        **dict.fromkeys(['t', 'tiny'], dict(
+            dims=96, depths=(2, 2, 8, 2), ssm_ratio=1.0, d_state=1)),
+        **dict.fromkeys(['s', 'small'], dict(
+            dims=96, depths=(2, 2, 15, 2), ssm_ratio=2.0, d_state=1)),
+        **dict.fromkeys(['b', 'base'], dict(
+            dims=128, depths=(2, 2, 15, 2), ssm_ratio=2.0, d_state=1)),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 dims: Union[int, Sequence[int], None] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 ssm_ratio: Optional[float] = None,
+                 d_state: Optional[int] = None,
+                 dt_rank: Union[int, str] = 'auto',
+                 mlp_ratio: float = 4.0,
+                 in_channels: int = 3,
+                 drop_path_rate: float = 0.2,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        settings = self._parse_arch(arch)
+        for key, value in (('dims', dims), ('depths', depths),
+                           ('ssm_ratio', ssm_ratio), ('d_state', d_state)):
+            if value is not None:
+                settings[key] = value
+        self.arch_settings = settings
+        depths = list(settings['depths'])
+        num_stages = len(depths)
+        dims = settings['dims']
+        if isinstance(dims, int):
+            dims = [dims * 2**i for i in range(num_stages)]
+        if len(dims) != num_stages:
+            raise ValueError(f'VMamba: {len(dims)} dims for {num_stages} '
+                             'stages')
+        if int(settings['d_state']) < 1:
+            raise ValueError(f"VMamba: d_state must be >= 1, got "
+                             f"{settings['d_state']}")
+        self.num_features = list(dims)
+        self.out_indices = self._check_stages('VMamba', num_stages,
+                                              out_indices, frozen_stages)
+        self.frozen_stages = frozen_stages
+
+        stem = dims[0] // 2
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 3, 2, 1), nn.Identity(),
+            LayerNorm2d(stem), nn.Identity(), nn.GELU(),
+            nn.Conv2d(stem, dims[0], 3, 2, 1), nn.Identity(),
+            LayerNorm2d(dims[0]))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i in range(num_stages):
+            start = sum(depths[:i])
+            self.layers.append(VMambaLayer(
+                dims[i], depths[i], dpr[start:start + depths[i]],
+                downsample=i < num_stages - 1, with_cp=with_cp,
+                d_state=int(settings['d_state']),
+                ssm_ratio=float(settings['ssm_ratio']), dt_rank=dt_rank,
+                mlp_ratio=mlp_ratio))
+        for i in self.out_indices:
+            self.add_module(f'outnorm{i}', LayerNorm2d(dims[i]))
+        init_vmamba_linear_and_norms(self)
+        self._freeze_stages()
+
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_zoo:
+                raise KeyError(f'VMamba: unknown arch {arch!r}; choose from '
+                               f'{sorted(cls.arch_zoo)} or pass a dict')
+            return dict(cls.arch_zoo[arch.lower()])
+        required = {'dims', 'depths', 'ssm_ratio', 'd_state'}
+        if not isinstance(arch, dict) or not required <= set(arch):
+            raise ValueError(f'VMamba: a custom arch must be a dict with keys '
+                             f'{sorted(required)}, got {arch!r}')
+        return dict(arch)
+
+    def _reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif hasattr(m, 'reset_ssm_parameters'):
+                m.reset_ssm_parameters()
+        init_vmamba_linear_and_norms(self)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """``x: [B, 3, H, W]`` -> one map per ``out_indices``, stage i at
+        ``ceil(H / 2^(i+2)) x ceil(W / 2^(i+2))``."""
+        if x.dim() != 4:
+            raise ValueError(f'VMamba expects images [B, C, H, W], got shape '
+                             f'{tuple(x.shape)}')
+        x = self.patch_embed(x)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            out, x = layer(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'outnorm{i}')(out).contiguous())
+        return tuple(outs)
+
+
+@MODELS.register_module()
+class MM_VSSM(VMamba):
+    """VMamba under its authors' MMDetection name, taking their keywords.
+
+    Maps ``ssm_d_state``, ``ssm_dt_rank``, ``use_checkpoint`` and
+    ``pretrained``; checks that ``forward_type``, ``downsample_version``,
+    ``patchembed_version``, ``norm_layer`` and ``ssm_conv`` are the ones
+    implemented; ignores the Swin keys their base config merges in.
+    """
+    _fixed = dict(forward_type='v05_noz', downsample_version='v3',
+                  patchembed_version='v2', norm_layer='ln2d', ssm_conv=3,
+                  ssm_conv_bias=False, patch_size=4, ssm_act_layer='silu',
+                  mlp_act_layer='gelu', posembed=False, gmlp=False)
+    _swin_keys = ('embed_dims', 'num_heads', 'window_size', 'qkv_bias',
+                  'qk_scale', 'drop_rate', 'attn_drop_rate', 'patch_norm',
+                  'convert_weights', 'in_chans', 'num_classes', 'ssm_drop_rate',
+                  'mlp_drop_rate', 'ssm_init', 'channel_first', 'imgsize')
+
+    def __init__(self, ssm_d_state: int = 1, ssm_dt_rank='auto',
+                 use_checkpoint: bool = False, pretrained: Optional[str] = None,
+                 dims=96, depths=(2, 2, 9, 2), ssm_ratio: float = 2.0,
+                 **kwargs) -> None:
+        for key, want in self._fixed.items():
+            if key in kwargs and kwargs.pop(key) != want:
+                raise ValueError(f'MM_VSSM: only {key}={want!r} is '
+                                 'implemented')
+        for key in self._swin_keys:
+            kwargs.pop(key, None)
+        if pretrained:
+            kwargs['init_cfg'] = dict(type='Pretrained', checkpoint=pretrained)
+        kwargs.setdefault('with_cp', use_checkpoint)
+        kwargs.setdefault('arch', dict(dims=dims, depths=depths,
+                                       ssm_ratio=ssm_ratio,
+                                       d_state=ssm_d_state))
+        super().__init__(dt_rank=ssm_dt_rank, **kwargs)

@@ -1,0 +1,122 @@
+"""Token mixer and block of MILA.
+
+MILA: "Demystify Mamba in Vision: A Linear Attention Perspective"
+(Han et al., NeurIPS 2024). Parameter names follow the official checkpoints
+(``cpe1``, ``in_proj``, ``act_proj``, ``dwc``, ``attn.qk``, ``attn.lepe``,
+``out_proj``, ``cpe2``, ``mlp.fc1``, ``mlp.fc2``).
+"""
+from typing import Optional, Tuple
+
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from torch import Tensor
+
+from mila_det.ops import linear_attention
+
+
+def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int]) -> Tensor:
+    """Apply a depthwise conv to tokens ``x: [B, N, C]`` on their ``H x W`` map."""
+    b, n, c = x.shape
+    x = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+    return conv(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (``fc1``: C -> hidden, ``fc2``: hidden -> C)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LinearAttention(nn.Module):
+    """MILA's linear attention with RoPE and a LePE depthwise conv.
+
+    Args:
+        dim (int): Token width C.
+        num_heads (int): Number of heads; must divide C.
+        qkv_bias (bool): Bias on the ``qk`` projection. Defaults to True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f'MILA attention: width {dim} is not divisible '
+                             f'by num_heads={num_heads}')
+        if dim % 4 != 0:
+            raise ValueError(f'MILA attention: width {dim} must be a multiple '
+                             'of 4 for the 2-D RoPE')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.qk = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor, hw: Tuple[int, int],
+                rope: Optional[Tensor] = None) -> Tensor:
+        """Args: ``x: [B, N, C]``; ``hw`` the grid; ``rope: [N, C/2, 2]``
+        (built from ``hw`` when omitted). Returns ``[B, N, C]``."""
+        q, k = self.qk(x).chunk(2, dim=-1)
+        q = F.elu(q) + 1.0
+        k = F.elu(k) + 1.0
+        out = linear_attention(q, k, x, self.num_heads,
+                               hw if rope is None else rope)
+        return out + dwconv_tokens(self.lepe, x, hw)
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}'
+
+
+class MILABlock(nn.Module):
+    """One MILA block on tokens ``[B, N, C]``.
+
+    ``x + cpe1(x)``; a gated branch ``out_proj(attn(SiLU(dwc(in_proj(n))))
+    * SiLU(act_proj(n)))`` with ``n = norm1(x)``; ``x + cpe2(x)``; an MLP
+    branch on ``norm2(x)``. Both branches use stochastic depth.
+
+    Args:
+        dim (int): Token width C.
+        num_heads (int): Number of attention heads.
+        mlp_ratio (float): MLP hidden width over C. Defaults to 4.
+        qkv_bias (bool): Bias on ``attn.qk``. Defaults to True.
+        drop_path (float): Stochastic depth rate. Defaults to 0.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 num_heads: int,
+                 mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.cpe1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.act_proj = nn.Linear(dim, dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.act = nn.SiLU()
+        self.attn = LinearAttention(dim, num_heads, qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.cpe2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, hw: Tuple[int, int],
+                rope: Optional[Tensor] = None) -> Tensor:
+        """Args: ``x: [B, N, C]``, ``hw = (H, W)`` with ``H * W == N``,
+        ``rope: [N, C/2, 2]``. Returns ``[B, N, C]``."""
+        x = x + dwconv_tokens(self.cpe1, x, hw)
+        shortcut = x
+        x = self.norm1(x)
+        gate = self.act(self.act_proj(x))
+        x = self.act(dwconv_tokens(self.dwc, self.in_proj(x), hw))
+        x = self.attn(x, hw, rope)
+        x = shortcut + self.drop_path(self.out_proj(x * gate))
+        x = x + dwconv_tokens(self.cpe2, x, hw)
+        return x + self.drop_path(self.mlp(self.norm2(x)))

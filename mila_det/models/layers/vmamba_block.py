@@ -1,0 +1,156 @@
+"""SS2D token mixer and VSS block of VMamba, channel-first (NCHW).
+
+VMamba: "VMamba: Visual State Space Model" (Liu et al., NeurIPS 2024),
+``forward_type="v05_noz"``: no gate branch, depthwise conv before the
+2-D cross scan, grouped ``x_proj``/``dt_proj`` as raw parameters. Parameter
+names follow the official checkpoints.
+"""
+import math
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from mmengine.model.weight_init import trunc_normal_
+from torch import Tensor
+
+from mila_det.ops import cross_merge, cross_scan, selective_scan
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel of ``[B, C, H, W]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Linear2d(nn.Linear):
+    """A 1x1 convolution whose weight is stored as a Linear's ``[out, in]``.
+
+    Checkpoints that store it as ``[out, in, 1, 1]`` load too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'weight'
+        if key in state_dict and state_dict[key].dim() == 4:
+            state_dict[key] = state_dict[key].flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SS2D(nn.Module):
+    """2-D selective scan over four routes (VMamba v05_noz).
+
+    Args:
+        dim (int): Channels C.
+        d_state (int): State size N >= 1. Defaults to 1.
+        ssm_ratio (float): Inner width ``Di = int(ssm_ratio * C)``.
+            Defaults to 2.
+        dt_rank (int | str): Rank R of the step projection; ``'auto'`` is
+            ``ceil(C / 16)``. Defaults to ``'auto'``.
+        d_conv (int): Depthwise conv kernel. Defaults to 3.
+    """
+
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0,
+                 dt_rank: Union[int, str] = 'auto', d_conv: int = 3) -> None:
+        super().__init__()
+        if d_state < 1:
+            raise ValueError(f'SS2D: d_state must be >= 1, got {d_state}')
+        inner = int(ssm_ratio * dim)
+        rank = math.ceil(dim / 16) if dt_rank == 'auto' else int(dt_rank)
+        self.d_inner, self.d_state, self.dt_rank = inner, d_state, rank
+        k = 4
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, rank + 2 * d_state, inner))
+        self.A_logs = nn.Parameter(torch.empty(k * inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, inner, rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, inner))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        self.out_norm = LayerNorm2d(inner)
+        self.in_proj = Linear2d(dim, inner, bias=False)
+        self.act = nn.SiLU()
+        self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2,
+                                groups=inner, bias=False)
+        self.out_proj = Linear2d(inner, dim, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float = 1e-3,
+                             dt_max: float = 0.1) -> None:
+        """The authors' initialisation of the SSM parameters: softplus of the
+        step bias log-uniform in ``[dt_min, dt_max]``, ``A = -[1..N]``,
+        ``D = 1``."""
+        inner, rank = self.d_inner, self.dt_rank
+        bound = inner**-0.5
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        nn.init.uniform_(self.dt_projs_weight, -rank**-0.5, rank**-0.5)
+        dt = torch.exp(torch.rand(4, inner) *
+                       (math.log(dt_max) - math.log(dt_min)) +
+                       math.log(dt_min)).clamp(min=1e-4)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(a.log().repeat(4 * inner, 1))
+        self.Ds.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [B, C, H, W]`` -> ``[B, C, H, W]``."""
+        b, _, h, w = x.shape
+        length = h * w
+        n, rank, inner = self.d_state, self.dt_rank, self.d_inner
+        u = self.act(self.conv2d(self.in_proj(x)))
+        xs = cross_scan(u)  # [B, 4, Di, L]
+        x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
+        dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=2)
+        dts = torch.einsum('bkrl,kdr->bkdl', dt_low, self.dt_projs_weight)
+        A = -torch.exp(self.A_logs.float())
+        y = selective_scan(
+            xs.reshape(b, 4 * inner, length), dts.reshape(b, 4 * inner, length),
+            A, Bs.contiguous(), Cs.contiguous(), self.Ds.float(),
+            self.dt_projs_bias.float().reshape(-1), delta_softplus=True)
+        y = cross_merge(y.reshape(b, 4, inner, length), h, w)
+        y = self.out_norm(y.reshape(b, inner, h, w))
+        return self.out_proj(y.to(x.dtype))
+
+
+class VSSBlock(nn.Module):
+    """Pre-norm VSS block: ``x + SS2D(norm(x))``, then ``x + MLP(norm2(x))``,
+    both with stochastic depth. ``[B, C, H, W]`` in and out."""
+
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 2.0,
+                 dt_rank: Union[int, str] = 'auto', mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.op = SS2D(dim, d_state, ssm_ratio, dt_rank)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm2d(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module('fc1', Linear2d(dim, hidden))
+        self.mlp.add_module('act', nn.GELU())
+        self.mlp.add_module('fc2', Linear2d(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_vmamba_linear_and_norms(module: nn.Module) -> None:
+    """The authors' init for Linear/Linear2d (trunc-normal 0.02, zero bias)
+    and LayerNorms (1, 0); convs and raw SSM parameters untouched."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

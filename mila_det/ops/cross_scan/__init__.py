@@ -1,0 +1,40 @@
+"""VMamba's cross scan / cross merge: the public functions models call.
+
+``cross_scan`` unrolls a ``[B, C, H, W]`` map along four routes into
+``[B, 4, C, L]``; ``cross_merge`` maps four sequences back to their pixels
+and sums them. Each is the other's adjoint, hence its backward. The backend
+is chosen in :mod:`mila_det.ops._dispatch`.
+"""
+from typing import Optional
+
+from torch import Tensor
+
+from .._dispatch import resolve_backend
+from .naive import cross_merge_naive, cross_scan_naive
+
+__all__ = ['cross_scan', 'cross_merge', 'cross_scan_naive',
+           'cross_merge_naive']
+
+
+def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
+    """``x: [B, C, H, W]`` -> ``[B, 4, C, H*W]`` (routes: rows, columns, rows
+    reversed, columns reversed)."""
+    if x.dim() != 4:
+        raise ValueError(f'cross_scan expects [B, C, H, W], got '
+                         f'{tuple(x.shape)}')
+    if resolve_backend('cross_scan', x, backend) == 'triton':
+        from .triton import CrossScanFunction
+        return CrossScanFunction.apply(x)
+    return cross_scan_naive(x)
+
+
+def cross_merge(y: Tensor, height: int, width: int,
+                backend: Optional[str] = None) -> Tensor:
+    """``y: [B, 4, C, H*W]`` -> ``[B, C, H*W]``, row-major."""
+    if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != height * width:
+        raise ValueError(f'cross_merge expects [B, 4, C, {height * width}], '
+                         f'got {tuple(y.shape)}')
+    if resolve_backend('cross_merge', y, backend) == 'triton':
+        from .triton import CrossMergeFunction
+        return CrossMergeFunction.apply(y, height, width)
+    return cross_merge_naive(y, height, width)

@@ -1,0 +1,101 @@
+"""Plain PyTorch reference of MILA's linear attention.
+
+MILA: "Demystify Mamba in Vision: A Linear Attention Perspective"
+(Han et al., NeurIPS 2024). The computation is the one the official
+checkpoints were trained with (see ``shared/spec/mila.md``): non-causal
+linear attention over all tokens, 2-D rotary position embedding on q and k
+for the numerator, and a normaliser computed from the un-rotated q and k.
+"""
+from typing import Tuple, Union
+
+import torch
+from torch import Tensor
+
+
+def build_rope_table(height: int,
+                     width: int,
+                     channels: int,
+                     base: float = 10000.0,
+                     device: Union[torch.device, str, None] = None) -> Tensor:
+    """Cosines and sines of the 2-D RoPE angles on a ``height x width`` grid.
+
+    Channel pair ``p`` (channels ``2p`` and ``2p+1``) is rotated by
+    ``y * theta_p`` for the first ``channels / 4`` pairs and by
+    ``x * theta_(p - channels/4)`` for the rest, with
+    ``theta_m = base ** (-m / (channels / 4))``.
+
+    Args:
+        height (int): Grid height H.
+        width (int): Grid width W.
+        channels (int): Feature width C; a multiple of 4.
+        base (float): Frequency base. Defaults to 10000.
+        device: Where to build the table. Defaults to the CPU.
+
+    Returns:
+        Tensor: ``[H*W, C/2, 2]`` fp32, ``[..., 0]`` cos and ``[..., 1]`` sin,
+        tokens in row-major order.
+    """
+    if channels % 4 != 0:
+        raise ValueError(f'2-D RoPE needs a channel count divisible by 4, '
+                         f'got {channels}')
+    k_max = channels // 4
+    theta = base**(-torch.arange(k_max, dtype=torch.float64, device=device) /
+                   k_max)
+    ys = torch.arange(height, dtype=torch.float64, device=device)
+    xs = torch.arange(width, dtype=torch.float64, device=device)
+    angle_y = (ys[:, None] * theta).view(height, 1, k_max).expand(
+        height, width, k_max)
+    angle_x = (xs[:, None] * theta).view(1, width, k_max).expand(
+        height, width, k_max)
+    angles = torch.cat([angle_y, angle_x], dim=-1).reshape(
+        height * width, 2 * k_max)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return table.float()
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate channel pairs of ``x: [B, N, C]`` by ``table: [N, C/2, 2]``."""
+    b, n, c = x.shape
+    pairs = x.reshape(b, n, c // 2, 2)
+    re, im = pairs.unbind(-1)
+    cos, sin = table.unbind(-1)
+    out = torch.stack([re * cos - im * sin, im * cos + re * sin], dim=-1)
+    return out.reshape(b, n, c)
+
+
+def linear_attention_naive(q: Tensor,
+                           k: Tensor,
+                           v: Tensor,
+                           num_heads: int,
+                           rope: Union[Tensor, Tuple[int, int]],
+                           eps: float = 1e-6) -> Tensor:
+    """MILA linear attention, computed step by step in fp32.
+
+    Args:
+        q (Tensor): Queries after ``elu + 1``, ``[B, N, C]``.
+        k (Tensor): Keys after ``elu + 1``, ``[B, N, C]``.
+        v (Tensor): Values, ``[B, N, C]``.
+        num_heads (int): Number of heads h; ``C`` must divide by it.
+        rope (Tensor | tuple[int, int]): The RoPE table ``[N, C/2, 2]`` from
+            :func:`build_rope_table`, or the grid size ``(H, W)`` to build it.
+        eps (float): Added to the normaliser. Defaults to 1e-6.
+
+    Returns:
+        Tensor: ``[B, N, C]`` in the dtype of ``q``, before LePE.
+    """
+    b, n, c = q.shape
+    if isinstance(rope, (tuple, list)):
+        rope = build_rope_table(rope[0], rope[1], c, device=q.device)
+    d = c // num_heads
+    qf, kf, vf = q.float(), k.float(), v.float()
+    q_r, k_r = apply_rope(qf, rope), apply_rope(kf, rope)
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(b, n, num_heads, d).transpose(1, 2)  # [B, h, N, d]
+
+    qf, kf, vf, q_r, k_r = map(heads, (qf, kf, vf, q_r, k_r))
+    k_mean = kf.mean(dim=2, keepdim=True)  # [B, h, 1, d]
+    z = 1.0 / (qf @ k_mean.transpose(-2, -1) + eps)  # [B, h, N, 1]
+    kv = (k_r.transpose(-2, -1) @ vf) / n  # [B, h, d, d]
+    out = (q_r @ kv) * z
+    return out.transpose(1, 2).reshape(b, n, c).to(q.dtype)

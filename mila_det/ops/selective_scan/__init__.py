@@ -1,0 +1,67 @@
+"""Selective scan (S6) with VMamba's grouped B and C: the public function.
+
+Backends (chosen in :mod:`mila_det.ops._dispatch`): Triton kernels on CUDA
+(:mod:`.triton`), and on every other device the chunked PyTorch scan of
+:mod:`.cpu`. Both accumulate states and outputs in fp32 and return fp32.
+"""
+from typing import Optional
+
+from torch import Tensor
+
+from .._dispatch import resolve_backend
+from .cpu import linear_recurrence, selective_scan_chunked
+from .naive import selective_scan_naive
+
+__all__ = ['selective_scan', 'selective_scan_naive', 'selective_scan_chunked',
+           'linear_recurrence']
+
+
+def selective_scan(u: Tensor,
+                   delta: Tensor,
+                   A: Tensor,
+                   B: Tensor,
+                   C: Tensor,
+                   D: Optional[Tensor] = None,
+                   delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = False,
+                   backend: Optional[str] = None) -> Tensor:
+    """``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} +
+    delta_t B_t u_t`` per channel; B and C shared within each group.
+
+    Args:
+        u (Tensor): ``[B, D_ch, L]``.
+        delta (Tensor): ``[B, D_ch, L]``, before ``delta_bias`` / softplus.
+        A (Tensor): ``[D_ch, N]``, N >= 1.
+        B (Tensor): ``[B, G, N, L]``; G must divide D_ch.
+        C (Tensor): ``[B, G, N, L]``.
+        D (Tensor, optional): ``[D_ch]``. Defaults to None.
+        delta_bias (Tensor, optional): ``[D_ch]``. Defaults to None.
+        delta_softplus (bool): Softplus on the step. Defaults to False.
+        backend (str, optional): ``'auto'``, ``'torch'`` or ``'triton'``.
+            Defaults to None (the environment's choice, else ``'auto'``).
+
+    Returns:
+        Tensor: ``[B, D_ch, L]`` fp32.
+    """
+    batch, channels, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f'selective_scan: delta {tuple(delta.shape)} must '
+                         f'match u {tuple(u.shape)}')
+    if A.dim() != 2 or A.shape[0] != channels:
+        raise ValueError(f'selective_scan: A must be [{channels}, N], got '
+                         f'{tuple(A.shape)}')
+    n_state = A.shape[1]
+    for name, t in (('B', B), ('C', C)):
+        if (t.dim() != 4 or t.shape[0] != batch or t.shape[2] != n_state
+                or t.shape[3] != length or channels % t.shape[1]):
+            raise ValueError(
+                f'selective_scan: {name} must be [{batch}, G, {n_state}, '
+                f'{length}] with G dividing {channels}; got {tuple(t.shape)}')
+    if B.shape[1] != C.shape[1]:
+        raise ValueError('selective_scan: B and C need the same groups')
+    if resolve_backend('selective_scan', u, backend) == 'triton':
+        from .triton import SelectiveScanFunction
+        return SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias,
+                                           delta_softplus)
+    return selective_scan_chunked(u, delta, A, B, C, D, delta_bias,
+                                  delta_softplus)

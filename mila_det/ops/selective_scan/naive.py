@@ -1,0 +1,66 @@
+"""Plain PyTorch reference of the selective scan (S6) used by VMamba.
+
+"Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu and
+Dao, 2023), in the grouped form of VMamba (Liu et al., NeurIPS 2024): the
+input-dependent B and C are shared by all channels of a direction group.
+Steps through the sequence one token at a time, in fp32: slow, clear, and the
+ground truth the fast paths are tested against.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def selective_scan_naive(u: Tensor,
+                         delta: Tensor,
+                         A: Tensor,
+                         B: Tensor,
+                         C: Tensor,
+                         D: Optional[Tensor] = None,
+                         delta_bias: Optional[Tensor] = None,
+                         delta_softplus: bool = False) -> Tensor:
+    """Selective scan, one token at a time.
+
+    With ``G`` groups of ``D_ch / G`` channels each (channel ``d`` belongs to
+    group ``d // (D_ch / G)``)::
+
+        delta_t = softplus(delta_t + delta_bias)       (if delta_softplus)
+        h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+        y_t     = <C_t, h_t> + D * u_t
+
+    Args:
+        u (Tensor): Input ``[B, D_ch, L]``.
+        delta (Tensor): Step sizes before bias/softplus, ``[B, D_ch, L]``.
+        A (Tensor): State matrix diagonal ``[D_ch, N]`` (negative).
+        B (Tensor): Input projection ``[B, G, N, L]``.
+        C (Tensor): Output projection ``[B, G, N, L]``.
+        D (Tensor, optional): Skip weight ``[D_ch]``. Defaults to None.
+        delta_bias (Tensor, optional): ``[D_ch]``. Defaults to None.
+        delta_softplus (bool): Apply softplus to the step. Defaults to False.
+
+    Returns:
+        Tensor: ``y: [B, D_ch, L]`` in fp32.
+    """
+    batch, channels, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    u, delta, A = u.float(), delta.float(), A.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    per_group = channels // groups
+    Bx = B.float().repeat_interleave(per_group, dim=1)  # [B, D_ch, N, L]
+    Cx = C.float().repeat_interleave(per_group, dim=1)
+    decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
+    drive = delta[:, :, None, :] * Bx * u[:, :, None, :]
+    h = u.new_zeros(batch, channels, n_state)
+    ys = []
+    for t in range(length):
+        h = decay[..., t] * h + drive[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.float()[None, :, None] * u
+    return y

@@ -1,0 +1,97 @@
+"""Evaluate a checkpoint on a config's test set, MMDetection-style.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
+        [--show-dir DIR] [--tta] [--cfg-options k=v ...] [--launcher ...]
+
+Checkpoints of MMDetection 3.x and the authors' MMDetection 2.x COCO
+releases (same key names for Mask R-CNN) both load.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from mila_det.utils.checkpoint import allow_mmengine_checkpoints
+from mila_det.utils.preflight import check_data
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a '
+                                     'detector')
+    parser.add_argument('config', help='test config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where evaluation logs go')
+    parser.add_argument('--out', help='dump predictions to a .pkl file')
+    parser.add_argument('--show', action='store_true',
+                        help='show predictions in a window')
+    parser.add_argument('--show-dir', help='save images with predictions '
+                        'drawn, under WORK_DIR/TIMESTAMP/SHOW_DIR')
+    parser.add_argument('--wait-time', type=float, default=2)
+    parser.add_argument('--tta', action='store_true',
+                        help='test-time augmentation from the config')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--launcher', default='none',
+                        choices=['none', 'pytorch', 'slurm', 'mpi'])
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    # Testing loads the whole detector; the backbone's ImageNet init is moot.
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None
+    try:
+        if not osp.isfile(args.checkpoint):
+            raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+        check_data(cfg, splits=('test_dataloader', ))
+    except FileNotFoundError as err:
+        sys.exit(f'error: {err}')
+
+    if args.show or args.show_dir:
+        hooks = cfg.default_hooks
+        if 'visualization' not in hooks:
+            raise ValueError('--show/--show-dir need a visualization hook in '
+                             'default_hooks')
+        hooks.visualization.enable = True
+        hooks.visualization.show = args.show
+        hooks.visualization.wait_time = args.wait_time
+        if args.show_dir:
+            hooks.visualization.test_out_dir = args.show_dir
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise ValueError('--tta needs tta_model and tta_pipeline in the '
+                             'config')
+        cfg.model = dict(**cfg.tta_model, module=cfg.model)
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+    allow_mmengine_checkpoints()
+    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else
+              Runner.from_cfg(cfg))
+    if args.out is not None:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out must end in .pkl or .pickle')
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(
+            DumpDetResults(out_file_path=args.out))
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()

@@ -4,5 +4,9 @@ Importing the package registers its models in MMDetection's registries.
 """
 from .version import __version__
 from . import models  # noqa: F401  (registers the backbones)
+from .utils.checkpoint import allow_mmengine_checkpoints
+
+# MMEngine checkpoints (resume, load_from) load under weights_only=True.
+allow_mmengine_checkpoints()
 
 __all__ = ['__version__']

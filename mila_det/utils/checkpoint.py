@@ -149,3 +149,42 @@ def load_pretrained(module: nn.Module,
         f'ignored {len(ignored)} unused by design',
         logger='current', level=logging.INFO)
     return LoadReport(loaded, missing, unexpected, ignored)
+
+
+def _checkpoint_getattr(obj, name: str):
+    """``getattr`` as MMEngine checkpoints use it: only to rebuild the
+    statistics methods a pickled ``HistoryBuffer`` keeps. Anything else is
+    refused, so the allow-list does not open ``getattr`` to arbitrary
+    objects."""
+    from mmengine.logging import HistoryBuffer
+    if (isinstance(obj, HistoryBuffer) or obj is HistoryBuffer) and \
+            not name.startswith('_') and callable(getattr(HistoryBuffer, name,
+                                                          None)):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); only '
+        'HistoryBuffer methods are allowed')
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` (the default from torch 2.6)
+    read MMEngine's own checkpoints for ``--resume`` and ``load_from``.
+
+    They hold, besides tensors, the message hub's ``HistoryBuffer`` objects
+    with numpy arrays and scalars inside. Exactly those classes are added to
+    torch's allow-list (and ``getattr`` only for ``HistoryBuffer``
+    methods); ``weights_only`` itself stays on for all other code.
+    """
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is None:  # torch < 2.4 loads with weights_only=False anyway
+        return
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    try:
+        multiarray = np._core.multiarray
+    except AttributeError:  # numpy < 2
+        multiarray = np.core.multiarray
+    dtype_classes = {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDGUSO'}
+    add([HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct,
+         multiarray.scalar, *dtype_classes,
+         (_checkpoint_getattr, 'builtins.getattr')])

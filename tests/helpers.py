@@ -1,0 +1,70 @@
+"""Small configs and data shared by the tests."""
+import os.path as osp
+
+from mmengine.config import Config
+
+from tests.conftest import REPO_ROOT
+
+TINY_MILA = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
+def tiny_detector_cfg(config: str, data_root: str, work_dir: str,
+                      image_size: int = 128, max_epochs: int = 1,
+                      backbone: dict = None) -> Config:
+    """``config`` shrunk to run in seconds on CPU: a tiny backbone, the
+    shapes dataset at ``data_root``, small images and few proposals."""
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', config))
+    cfg.work_dir = work_dir
+    if backbone is None:
+        backbone = dict(type='MILA', arch=TINY_MILA, drop_path_rate=0.1,
+                        init_cfg=None)
+    cfg.model.backbone = backbone
+    cfg.model.neck.in_channels = [16, 32, 64, 128]
+    cfg.model.roi_head.bbox_head.num_classes = 3
+    cfg.model.roi_head.mask_head.num_classes = 3
+    cfg.model.train_cfg.rpn_proposal.nms_pre = 200
+    cfg.model.train_cfg.rpn_proposal.max_per_img = 64
+    cfg.model.train_cfg.rcnn.sampler.num = 32
+    cfg.model.test_cfg.rpn.nms_pre = 200
+    cfg.model.test_cfg.rpn.max_per_img = 64
+    metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'))
+    pipeline_train = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+        dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+        dict(type='RandomFlip', prob=0.5),
+        dict(type='PackDetInputs'),
+    ]
+    pipeline_test = [
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
+        dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+        dict(type='PackDetInputs',
+             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                        'scale_factor')),
+    ]
+    for split, ann, img, pipeline in (
+            ('train', 'annotations/instances_train.json', 'train/',
+             pipeline_train),
+            ('val', 'annotations/instances_val.json', 'val/', pipeline_test),
+            ('test', 'annotations/instances_val.json', 'val/', pipeline_test)):
+        loader = cfg[f'{split}_dataloader']
+        loader.num_workers = 0
+        loader.persistent_workers = False
+        loader.batch_size = 2 if split == 'train' else 1
+        loader.dataset.update(data_root=data_root, ann_file=ann,
+                              data_prefix=dict(img=img), metainfo=metainfo,
+                              pipeline=pipeline)
+        if split == 'train':
+            loader.dataset.filter_cfg = dict(filter_empty_gt=True, min_size=4)
+    for split in ('val', 'test'):
+        cfg[f'{split}_evaluator'].ann_file = osp.join(
+            data_root, 'annotations/instances_val.json')
+    cfg.train_cfg.max_epochs = max_epochs
+    cfg.param_scheduler = [
+        dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
+             end=5)
+    ]
+    cfg.default_hooks.logger.interval = 1
+    cfg.env_cfg.dist_cfg = dict(backend='gloo')
+    return cfg

@@ -1,7 +1,8 @@
 """MILA's linear attention: the public function models call.
 
-The backend is chosen in :mod:`mila_det.ops._dispatch`. The PyTorch path is
-the reference computation of :mod:`.naive`, fp32 inside.
+The backend is chosen in :mod:`mila_det.ops._dispatch`: Triton kernels
+(:mod:`.triton`) on CUDA, else the PyTorch computation of :mod:`.naive`;
+both keep the d x d state, the token sums and the normaliser in fp32.
 """
 import functools
 from typing import Optional, Tuple, Union
@@ -83,5 +84,11 @@ def linear_attention(q: Tensor,
         raise ValueError(f'linear_attention: RoPE table of shape '
                          f'{tuple(rope.shape)} does not fit N={n}, C={c}; '
                          f'expected {(n, c // 2, 2)}')
-    resolve_backend('linear_attention', q, backend, has_triton_kernel=False)
+    if resolve_backend('linear_attention', q, backend) == 'triton':
+        from .triton import LinearAttentionFunction
+        if (c // num_heads) % 2:
+            raise ValueError('linear_attention: the Triton kernel rotates '
+                             'channel pairs within a head, so the head dim '
+                             f'must be even (got {c // num_heads})')
+        return LinearAttentionFunction.apply(q, k, v, num_heads, rope, eps)
     return linear_attention_naive(q, k, v, num_heads, rope, eps)

@@ -1,0 +1,107 @@
+"""Triton kernels of VMamba's cross scan (and its adjoint, cross merge).
+
+One program moves one ``BLOCK_H x BLOCK_W`` tile of one channel of one image
+between the map ``[B, C, H, W]`` and the four sequences ``[B, 4, C, L]``.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def cross_scan_fwd_kernel(x, y, C, H, W, BLOCK_H: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+    """Map -> four routes (rows, columns, rows reversed, columns reversed)."""
+    i_hw, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_w = tl.cdiv(W, BLOCK_W)
+    i_h, i_w = i_hw // n_w, i_hw % n_w
+    L = H * W
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    m_hw = (o_h < H) & (o_w < W)
+    o_row = o_h * W + o_w
+    o_col = o_w * H + o_h
+    p_x = x + (i_b.to(tl.int64) * C + i_c) * L
+    p_y = y + (i_b.to(tl.int64) * 4 * C + i_c) * L
+    b_x = tl.load(p_x + o_row, mask=m_hw)
+    tl.store(p_y + o_row, b_x, mask=m_hw)
+    tl.store(p_y + C * L + o_col, b_x, mask=m_hw)
+    tl.store(p_y + 2 * C * L + (L - 1 - o_row), b_x, mask=m_hw)
+    tl.store(p_y + 3 * C * L + (L - 1 - o_col), b_x, mask=m_hw)
+
+
+@triton.jit
+def cross_scan_bwd_kernel(y, x, C, H, W, BLOCK_H: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+    """Four routes -> map, summed (the adjoint of the forward; also the
+    forward of cross merge). Sums in fp32."""
+    i_hw, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_w = tl.cdiv(W, BLOCK_W)
+    i_h, i_w = i_hw // n_w, i_hw % n_w
+    L = H * W
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    o_w = i_w * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    m_hw = (o_h < H) & (o_w < W)
+    o_row = o_h * W + o_w
+    o_col = o_w * H + o_h
+    p_x = x + (i_b.to(tl.int64) * C + i_c) * L
+    p_y = y + (i_b.to(tl.int64) * 4 * C + i_c) * L
+    b_sum = tl.load(p_y + o_row, mask=m_hw).to(tl.float32)
+    b_sum += tl.load(p_y + C * L + o_col, mask=m_hw).to(tl.float32)
+    b_sum += tl.load(p_y + 2 * C * L + (L - 1 - o_row), mask=m_hw).to(
+        tl.float32)
+    b_sum += tl.load(p_y + 3 * C * L + (L - 1 - o_col), mask=m_hw).to(
+        tl.float32)
+    tl.store(p_x + o_row, b_sum.to(x.dtype.element_ty), mask=m_hw)
+
+
+def _grid(b: int, c: int, h: int, w: int, block: int):
+    return (triton.cdiv(h, block) * triton.cdiv(w, block), c, b)
+
+
+def cross_scan_fwd(x: Tensor, block: int = 32) -> Tensor:
+    """``x: [B, C, H, W]`` -> ``[B, 4, C, H*W]``."""
+    x = x.contiguous()
+    b, c, h, w = x.shape
+    y = x.new_empty(b, 4, c, h * w)
+    cross_scan_fwd_kernel[_grid(b, c, h, w, block)](x, y, c, h, w, block,
+                                                    block)
+    return y
+
+
+def cross_scan_bwd(y: Tensor, h: int, w: int, block: int = 32) -> Tensor:
+    """``y: [B, 4, C, H*W]`` -> ``[B, C, H, W]``, the four routes summed."""
+    y = y.contiguous()
+    b, _, c, _ = y.shape
+    x = y.new_empty(b, c, h, w)
+    cross_scan_bwd_kernel[_grid(b, c, h, w, block)](y, x, c, h, w, block,
+                                                    block)
+    return x
+
+
+class CrossScanFunction(torch.autograd.Function):
+    """Cross scan; its backward is the merge."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.hw = x.shape[-2:]
+        return cross_scan_fwd(x)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return cross_scan_bwd(dy, *ctx.hw)
+
+
+class CrossMergeFunction(torch.autograd.Function):
+    """Cross merge ``[B, 4, C, L] -> [B, C, L]``; its backward is the scan."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, h: int, w: int) -> Tensor:
+        ctx.hw = (h, w)
+        return cross_scan_bwd(y, h, w).flatten(2)
+
+    @staticmethod
+    def backward(ctx, dx: Tensor):
+        h, w = ctx.hw
+        return cross_scan_fwd(dx.reshape(*dx.shape[:2], h, w)), None, None

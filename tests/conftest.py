@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# Triton kernels run in the interpreter on CPU; must be set before any
+# kernel module is imported.
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import pytest
 import torch
 
@@ -31,4 +35,31 @@ def in_repo_root(monkeypatch):
     return REPO_ROOT
 
 
-os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+def needs_triton():
+    """Skip marker for kernel tests when Triton is not installed (CI and the
+    documented environment install it, so these run there)."""
+    from mila_det.ops import HAS_TRITON
+    return pytest.mark.skipif(not HAS_TRITON, reason='triton not installed')
+
+
+def rel_err(got, want) -> float:
+    """Max abs error relative to the reference's scale."""
+    return ((got.double() - want.double()).abs().max() /
+            want.double().abs().max().clamp_min(1e-12)).item()
+
+
+def official_key_listing(name: str) -> dict:
+    """Sections of a ``*_keys.txt`` listing: title -> {key: shape string}."""
+    sections, current = {}, None
+    for line in reference_file(name).read_text().splitlines():
+        if line.startswith('## '):
+            current = sections.setdefault(line[3:].strip(), {})
+        elif line.strip() and current is not None:
+            key, shape = line.split('\t')[:2]
+            current[key] = shape.replace(' ', '')
+    return sections
+
+
+def shape_string(t) -> str:
+    return str(tuple(t.shape)).replace(' ', '')

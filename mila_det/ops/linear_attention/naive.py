@@ -87,7 +87,9 @@ def linear_attention_naive(q: Tensor,
     if isinstance(rope, (tuple, list)):
         rope = build_rope_table(rope[0], rope[1], c, device=q.device)
     d = c // num_heads
-    qf, kf, vf = q.float(), k.float(), v.float()
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    rope = rope.to(dtype)
     q_r, k_r = apply_rope(qf, rope), apply_rope(kf, rope)
 
     def heads(t: Tensor) -> Tensor:

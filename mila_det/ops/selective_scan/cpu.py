@@ -56,6 +56,11 @@ def linear_recurrence(a: Tensor, b: Tensor,
     return h[:length] if pad else h
 
 
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (gradcheck)."""
+    return torch.promote_types(u.dtype, torch.float32)
+
+
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
              delta_bias: Optional[Tensor], delta_softplus: bool
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -64,16 +69,17 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     per_group = channels // groups
-    dt = delta.float()
+    ct = _compute_dtype(u)
+    dt = delta.to(ct)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()[None, :, None]
+        dt = dt + delta_bias.to(ct)[None, :, None]
     if delta_softplus:
         dt = F.softplus(dt)
     dt_t = dt.permute(2, 0, 1).reshape(length, batch, groups, per_group, 1)
-    u_t = u.float().permute(2, 0, 1).reshape(length, batch, groups,
+    u_t = u.to(ct).permute(2, 0, 1).reshape(length, batch, groups,
                                              per_group, 1)
-    A_g = A.float().reshape(groups, per_group, n_state)
-    B_t = B.float().permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
+    A_g = A.to(ct).reshape(groups, per_group, n_state)
+    B_t = B.to(ct).permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
     a = torch.exp(dt_t * A_g)
     b = (dt_t * u_t) * B_t
     return dt, a, b, dt_t
@@ -89,15 +95,16 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
                 delta_softplus: bool) -> Tensor:
         batch, channels, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
+        ct = _compute_dtype(u)
         _, a, b, _ = _prepare(u, delta, A, B, delta_bias, delta_softplus)
         shape = a.shape
         h = linear_recurrence(a.reshape(length, -1), b.reshape(length, -1))
         h = h.reshape(shape)
-        C_t = C.float().permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
+        C_t = C.to(ct).permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
         y = (h * C_t).sum(-1).reshape(length, batch, channels)
         y = y.permute(1, 2, 0)
         if D is not None:
-            y = y + D.float()[None, :, None] * u.float()
+            y = y + D.to(ct)[None, :, None] * u.to(ct)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         return y.contiguous()
@@ -108,15 +115,16 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
         batch, channels, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
         per_group = channels // groups
+        ct = _compute_dtype(u)
         dt, a, b, dt_t = _prepare(u, delta, A, B, delta_bias,
                                   ctx.delta_softplus)
         shape = a.shape  # [L, B, G, Dg, N]
         h = linear_recurrence(a.reshape(length, -1),
                               b.reshape(length, -1)).reshape(shape)
-        dy = dy.float()
+        dy = dy.to(ct)
         dy_t = dy.permute(2, 0, 1).reshape(length, batch, groups, per_group,
                                            1)
-        C_t = C.float().permute(3, 0, 1, 2).unsqueeze(3)
+        C_t = C.to(ct).permute(3, 0, 1, 2).unsqueeze(3)
         # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a recurrence in reverse.
         a_rev = torch.empty_like(a)
         a_rev[0] = 1.0
@@ -127,10 +135,10 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
         h_prev = torch.zeros_like(h)
         h_prev[1:] = h[:-1]
         d_log_a = g * h_prev * a  # dL/d(delta * A)
-        u_t = u.float().permute(2, 0, 1).reshape(length, batch, groups,
+        u_t = u.to(ct).permute(2, 0, 1).reshape(length, batch, groups,
                                                  per_group, 1)
-        B_t = B.float().permute(3, 0, 1, 2).unsqueeze(3)
-        A_g = A.float().reshape(groups, per_group, n_state)
+        B_t = B.to(ct).permute(3, 0, 1, 2).unsqueeze(3)
+        A_g = A.to(ct).reshape(groups, per_group, n_state)
         g_b = g * B_t  # [L, B, G, Dg, N]
         d_dt = (d_log_a * A_g).sum(-1) + (g_b.sum(-1, keepdim=True) *
                                           u_t).squeeze(-1)
@@ -142,12 +150,12 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
         d_delta = d_dt.reshape(length, batch, channels).permute(1, 2, 0)
         dD = None
         if D is not None:
-            du = du + D.float()[None, :, None] * dy
-            dD = (dy * u.float()).sum((0, 2)).to(D.dtype)
+            du = du + D.to(ct)[None, :, None] * dy
+            dD = (dy * u.to(ct)).sum((0, 2)).to(D.dtype)
         if ctx.delta_softplus:
-            pre = delta.float()
+            pre = delta.to(ct)
             if delta_bias is not None:
-                pre = pre + delta_bias.float()[None, :, None]
+                pre = pre + delta_bias.to(ct)[None, :, None]
             # softplus' threshold (x > 20 passes x through) has slope 1,
             # which sigmoid(x) already rounds to in fp32.
             d_delta = d_delta * torch.sigmoid(pre)

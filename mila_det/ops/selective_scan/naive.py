@@ -41,18 +41,19 @@ def selective_scan_naive(u: Tensor,
         delta_softplus (bool): Apply softplus to the step. Defaults to False.
 
     Returns:
-        Tensor: ``y: [B, D_ch, L]`` in fp32.
+        Tensor: ``y: [B, D_ch, L]`` in fp32 (fp64 for fp64 inputs).
     """
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
-    u, delta, A = u.float(), delta.float(), A.float()
+    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32, or fp64
+    u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        delta = delta + delta_bias.to(dtype)[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
     per_group = channels // groups
-    Bx = B.float().repeat_interleave(per_group, dim=1)  # [B, D_ch, N, L]
-    Cx = C.float().repeat_interleave(per_group, dim=1)
+    Bx = B.to(dtype).repeat_interleave(per_group, dim=1)  # [B, D_ch, N, L]
+    Cx = C.to(dtype).repeat_interleave(per_group, dim=1)
     decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
     drive = delta[:, :, None, :] * Bx * u[:, :, None, :]
     h = u.new_zeros(batch, channels, n_state)
@@ -62,5 +63,5 @@ def selective_scan_naive(u: Tensor,
         ys.append((h * Cx[..., t]).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + D.float()[None, :, None] * u
+        y = y + D.to(dtype)[None, :, None] * u
     return y

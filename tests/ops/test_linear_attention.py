@@ -1,0 +1,120 @@
+"""MILA linear attention: RoPE table, reference, Triton kernels, precision."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mila_det.ops import linear_attention, rope_table
+from mila_det.ops.linear_attention import (apply_rope, build_rope_table,
+                                           linear_attention_naive)
+from tests.conftest import needs_triton, rel_err
+
+
+def qkv(batch, n, c, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = F.elu(torch.randn(batch, n, c, generator=g)) + 1
+    k = F.elu(torch.randn(batch, n, c, generator=g)) + 1
+    v = torch.randn(batch, n, c, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def test_rope_table_angles():
+    h, w, c = 3, 5, 8
+    table = build_rope_table(h, w, c)
+    k_max = c // 4
+    for y in range(h):
+        for x in range(w):
+            t = y * w + x
+            for p in range(c // 2):
+                m = p % k_max
+                pos = y if p < k_max else x
+                angle = pos * 10000**(-m / k_max)
+                assert math.isclose(table[t, p, 0].item(), math.cos(angle),
+                                    abs_tol=1e-6)
+                assert math.isclose(table[t, p, 1].item(), math.sin(angle),
+                                    abs_tol=1e-6)
+
+
+def test_rope_rotates_channel_pairs():
+    x = torch.randn(1, 6, 8)
+    table = build_rope_table(2, 3, 8)
+    out = apply_rope(x, table)
+    cos, sin = table[..., 0], table[..., 1]
+    torch.testing.assert_close(out[..., 0::2], x[..., 0::2] * cos -
+                               x[..., 1::2] * sin)
+    torch.testing.assert_close(out[..., 1::2], x[..., 1::2] * cos +
+                               x[..., 0::2] * sin)
+    # rotations keep norms of every pair
+    torch.testing.assert_close(out.view(1, 6, 4, 2).norm(dim=-1),
+                               x.view(1, 6, 4, 2).norm(dim=-1))
+
+
+def test_reference_matches_a_dense_formula():
+    """out = (rope(q) rope(k)^T / n) v / (q . mean k), per head."""
+    q, k, v = qkv(1, 12, 16)
+    out = linear_attention_naive(q, k, v, 2, (3, 4))
+    table = build_rope_table(3, 4, 16)
+    qr, kr = apply_rope(q, table), apply_rope(k, table)
+    for h in range(2):
+        s = slice(8 * h, 8 * h + 8)
+        attn = qr[0, :, s] @ kr[0, :, s].T / 12
+        z = 1 / (q[0, :, s] @ k[0, :, s].mean(0) + 1e-6)
+        torch.testing.assert_close(out[0, :, s], (attn @ v[0, :, s]) *
+                                   z[:, None])
+
+
+def test_reference_gradcheck_float64():
+    q, k, v = qkv(1, 6, 8, dtype=torch.float64)
+    table = build_rope_table(2, 3, 8).double()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: linear_attention_naive(a, b, c, 2, table), (q, k, v))
+
+
+def test_errors_name_the_problem():
+    q, k, v = qkv(1, 12, 16)
+    with pytest.raises(ValueError, match='does not hold N=12'):
+        linear_attention(q, k, v, 2, (3, 5))
+    with pytest.raises(ValueError, match='not divisible by num_heads=3'):
+        linear_attention(q, k, v, 3, (3, 4))
+    with pytest.raises(ValueError, match='RoPE table'):
+        linear_attention(q, k, v, 2, rope_table(4, 4, 16))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16],
+                         ids=['fp16', 'bf16'])
+def test_half_precision_close_to_fp32(dtype):
+    """Large N: the sums and the normaliser stay fp32 inside."""
+    h, w = 64, 96
+    q, k, v = qkv(1, h * w, 32)
+    want = linear_attention(q, k, v, 2, (h, w))
+    got = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), 2, (h, w))
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert rel_err(got.float(), want) < (1e-2 if dtype == torch.bfloat16
+                                         else 2e-3)
+
+
+@needs_triton()
+@pytest.mark.parametrize('hw, channels, heads', [
+    ((7, 9), 32, 2),     # head dim 16
+    ((13, 5), 64, 2),    # head dim 32
+    ((7, 9), 48, 2),     # head dim 24: not a power of two
+    ((5, 7), 128, 2),    # head dim 64, several token blocks
+], ids=['7x9-d16', '13x5-d32', '7x9-d24', '5x7-d64'])
+def test_triton_matches_reference(hw, channels, heads):
+    n = hw[0] * hw[1]
+    q, k, v = qkv(2, n, channels, seed=n)
+    want = linear_attention_naive(q, k, v, heads, hw)
+    got = linear_attention(q, k, v, heads, hw, backend='triton')
+    assert rel_err(got, want) <= 1e-4
+    do = torch.randn_like(want)
+    for name, a, b in zip('qkv', torch.autograd.grad(got, (q, k, v), do),
+                          torch.autograd.grad(want, (q, k, v), do)):
+        assert rel_err(a, b) <= 1e-4, name
+
+
+@needs_triton()
+def test_triton_rejects_odd_head_dim():
+    q, k, v = qkv(1, 12, 12)
+    with pytest.raises(ValueError, match='head dim must be even'):
+        linear_attention(q, k, v, 4, (3, 4), backend='triton')

@@ -3,7 +3,7 @@
 Importing the package registers its models in MMDetection's registries.
 """
 from .version import __version__
-from . import models  # noqa: F401  (registers the backbones)
+from . import engine, models  # noqa: F401  (registers modules)
 from .utils.checkpoint import allow_mmengine_checkpoints
 
 # MMEngine checkpoints (resume, load_from) load under weights_only=True.

@@ -22,8 +22,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('config', help='train config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (fp16 on CUDA, '
-                        'bf16 on CPU)')
+                        help='automatic mixed precision (fp16 with loss '
+                        'scaling on CUDA, bf16 autocast on CPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by total batch / base batch')
     parser.add_argument(
@@ -52,8 +52,12 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        import torch
+        if torch.cuda.is_available():
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+        else:  # MMEngine's AMP wrapper needs a GPU; bf16 autocast on CPU
+            cfg.optim_wrapper.type = 'CPUAutocastOptimWrapper'
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise ValueError('--auto-scale-lr needs auto_scale_lr.'

@@ -3,7 +3,8 @@
 ``auto`` picks Triton when the tensors live on CUDA and Triton imports, and
 PyTorch otherwise. A ``backend=`` argument, or the ``MILA_DET_BACKEND``
 environment variable, forces either; forcing one that cannot run raises a
-``RuntimeError`` that says how to fix it.
+``RuntimeError`` that says how to fix it. ``naive`` runs each operator's
+plain reference (``naive.py``), for debugging and benchmarks.
 """
 import os
 from typing import Optional
@@ -16,7 +17,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-BACKENDS = ('auto', 'torch', 'triton')
+BACKENDS = ('auto', 'torch', 'triton', 'naive')
 BACKEND_ENV = 'MILA_DET_BACKEND'
 
 
@@ -24,12 +25,13 @@ def resolve_backend(op: str,
                     x: torch.Tensor,
                     backend: Optional[str] = None,
                     has_triton_kernel: bool = True) -> str:
-    """Return ``'torch'`` or ``'triton'`` for running ``op`` on ``x``.
+    """Return ``'torch'``, ``'triton'`` or ``'naive'`` for running ``op``.
 
     Args:
         op (str): Name of the operator, used in error messages.
         x (Tensor): A representative input (its device decides ``auto``).
-        backend (str, optional): ``'auto'``, ``'torch'`` or ``'triton'``.
+        backend (str, optional): ``'auto'``, ``'torch'``, ``'triton'`` or
+            ``'naive'``.
             Defaults to the ``MILA_DET_BACKEND`` environment variable, or
             ``'auto'`` when it is unset.
         has_triton_kernel (bool): Whether ``op`` has a Triton kernel.

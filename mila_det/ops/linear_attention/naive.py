@@ -86,6 +86,13 @@ def linear_attention_naive(q: Tensor,
     b, n, c = q.shape
     if isinstance(rope, (tuple, list)):
         rope = build_rope_table(rope[0], rope[1], c, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):  # sums stay fp32
+        return _linear_attention_fp32(q, k, v, num_heads, rope, eps)
+
+
+def _linear_attention_fp32(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                           rope: Tensor, eps: float) -> Tensor:
+    b, n, c = q.shape
     d = c // num_heads
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -59,9 +59,13 @@ def selective_scan(u: Tensor,
                 f'{length}] with G dividing {channels}; got {tuple(t.shape)}')
     if B.shape[1] != C.shape[1]:
         raise ValueError('selective_scan: B and C need the same groups')
-    if resolve_backend('selective_scan', u, backend) == 'triton':
+    backend = resolve_backend('selective_scan', u, backend)
+    if backend == 'triton':
         from .triton import SelectiveScanFunction
         return SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias,
                                            delta_softplus)
+    if backend == 'naive':
+        return selective_scan_naive(u, delta, A, B, C, D, delta_bias,
+                                    delta_softplus)
     return selective_scan_chunked(u, delta, A, B, C, D, delta_bias,
                                   delta_softplus)

@@ -1,0 +1,90 @@
+"""Parameter and FLOP counts in the papers' convention.
+
+One multiply-add counts once (fvcore / MMEngine's analyzer). Convolutions,
+linears and every matmul, including MILA's attention products, are counted
+by MMEngine's :class:`~mmengine.analysis.FlopAnalyzer`; the selective scan,
+a custom operator the tracer cannot see into, is counted analytically:
+
+* ``gu`` (default, as VMamba's authors count it): ``9 * B * L * D * N``
+  for the scan plus ``B * D * L`` for the skip term, with D the channels of
+  all four scan directions;
+* ``vim`` (Vision Mamba's eq. 8 as usually cited):
+  ``3 * B * L * D * N + B * L * D * N`` = ``4 * B * L * D * N``.
+"""
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from mmengine.analysis import FlopAnalyzer
+from mmengine.analysis.jit_handles import get_shape
+from torch import nn
+
+SCAN_OPS = ('prim::PythonOp.SelectiveScanChunkedFunction',
+            'prim::PythonOp.SelectiveScanFunction')
+
+
+def selective_scan_macs(batch: int, length: int, channels: int,
+                        d_state: int, convention: str = 'gu',
+                        with_d: bool = True) -> int:
+    """Multiply-adds of one selective scan of ``channels`` sequences.
+
+    ``gu``: per token, channel and state, 9 operations (Albert Gu's count:
+    ``delta*A`` and its ``exp``, ``delta*B``, times ``u``, the state update
+    ``a*h + b`` (2), ``C*h`` and the sum over states (2), and one more for
+    the discretised input), plus one per token and channel for ``D*u``.
+    ``vim``: ``3 BLDN + BLDN`` (the Vim paper's equation 8), no D term.
+    """
+    if convention == 'gu':
+        return 9 * batch * length * channels * d_state + (
+            batch * channels * length if with_d else 0)
+    if convention == 'vim':
+        return 4 * batch * length * channels * d_state
+    raise ValueError(f'unknown SSM FLOP convention {convention!r}; use '
+                     "'gu' or 'vim'")
+
+
+def _scan_handle(convention: str) -> Callable:
+    def handle(inputs: List, outputs: List) -> int:
+        batch, channels, length = get_shape(inputs[0])
+        d_state = get_shape(inputs[2])[1]
+        with_d = get_shape(inputs[5]) is not None
+        return selective_scan_macs(batch, length, channels, d_state,
+                                   convention, with_d)
+    return handle
+
+
+def flop_analyzer(model: nn.Module, inputs, ssm_convention: str = 'gu'
+                  ) -> FlopAnalyzer:
+    """An MMEngine analyzer of ``model(*inputs)`` that also counts the
+    selective scan (see the module docstring)."""
+    if ssm_convention not in ('gu', 'vim'):
+        raise ValueError(f'unknown SSM FLOP convention {ssm_convention!r}')
+    analyzer = FlopAnalyzer(model, inputs)
+    handles = {op: _scan_handle(ssm_convention) for op in SCAN_OPS}
+    analyzer.set_op_handle(**handles)
+    analyzer.unsupported_ops_warnings(False)
+    analyzer.uncalled_modules_warnings(False)
+    return analyzer
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def backbone_macs(model: nn.Module, shape: Sequence[int],
+                  ssm_convention: str = 'gu') -> Dict[str, int]:
+    """MACs of a backbone on one ``3 x H x W`` image: ``total`` and one entry
+    per top-level child (``patch_embed``, ``layers.0``, ...)."""
+    x = torch.randn(1, 3, *shape)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        analyzer = flop_analyzer(model, (x, ), ssm_convention)
+        by_module = analyzer.by_module()
+        total = analyzer.total()
+    model.train(was_training)
+    out = {'total': total}
+    for name in by_module:
+        if name and name.count('.') <= 1 and (
+                name.startswith('layers.') or '.' not in name):
+            out[name] = by_module[name]
+    return out

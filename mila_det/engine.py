@@ -1,0 +1,47 @@
+"""Training-loop pieces MMEngine lacks on CPU."""
+from contextlib import contextmanager
+
+import torch
+from mmdet.registry import OPTIM_WRAPPERS
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
+
+
+@OPTIM_WRAPPERS.register_module()
+class CPUAutocastOptimWrapper(OptimWrapper):
+    """Mixed precision on CPU: bfloat16 autocast (no loss scaling needed:
+    bf16 has fp32's range).
+
+    MMEngine's ``AmpOptimWrapper`` only runs on accelerators, so
+    ``tools/train.py --amp`` picks this one when no GPU is present. Autocast
+    covers the detector's ``extract_feat`` (backbone and neck, where nearly
+    all FLOPs are); the heads stay fp32 because mmcv's CPU ops (nms,
+    RoIAlign) accept fp32 only. mila_det's operators keep their sums and
+    normalisers in fp32 inside autocast regions.
+    """
+
+    def __init__(self, *args, dtype: str = 'bfloat16', **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cast_dtype = getattr(torch, dtype)
+
+    @contextmanager
+    def optim_context(self, model):
+        target = model.module if is_model_wrapper(model) else model
+        extract = getattr(target, 'extract_feat', None)
+        if extract is None:  # not a detector: autocast everything
+            with super().optim_context(model), torch.autocast(
+                    'cpu', dtype=self.cast_dtype):
+                yield
+            return
+
+        def extract_feat(*args, **kwargs):
+            with torch.autocast('cpu', dtype=self.cast_dtype):
+                feats = extract(*args, **kwargs)
+            return tuple(f.float() for f in feats)
+
+        target.extract_feat = extract_feat
+        try:
+            with super().optim_context(model):
+                yield
+        finally:
+            del target.extract_feat  # back to the class's method

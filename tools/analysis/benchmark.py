@@ -1,0 +1,211 @@
+"""Latency, throughput, peak memory and efficiency of a backbone or detector.
+
+    python tools/analysis/benchmark.py --backbone vmamba_t --compare-naive
+    python tools/analysis/benchmark.py --backbone mila_t --shape 800 1280
+    python tools/analysis/benchmark.py configs/mask_rcnn_mila_t_1x.py \\
+        --mode train --shape 800 1216
+
+Efficiency is ``2 * multiply-adds / time / R``, where R is this machine's
+fp32 matmul rate (a 2048 x 2048 product) measured in the same run, so a
+figure near 100% means the model runs as fast as a large matmul would.
+"""
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKBONES = {
+    'mila_t': ('MILA', 'tiny'), 'mila_s': ('MILA', 'small'),
+    'mila_b': ('MILA', 'base'), 'vmamba_t': ('VMamba', 'tiny'),
+    'vmamba_s': ('VMamba', 'small'), 'vmamba_b': ('VMamba', 'base'),
+}
+
+
+class PeakMemory:
+    """Peak resident memory (CPU: sampled /proc RSS) or allocator peak (CUDA)
+    while the block runs, in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0.0
+
+    @staticmethod
+    def _rss() -> float:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+    def __enter__(self) -> 'PeakMemory':
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak = self._rss()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss())
+                time.sleep(0.005)
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == 'cuda':
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], None], device: torch.device, warmup: int,
+            repeat: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeat):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return dict(median=statistics.median(times), min=min(times),
+                peak_mib=mem.peak)
+
+
+def matmul_rate(device: torch.device, size: int = 2048) -> float:
+    """fp32 FLOP/s of a ``size``-square matmul (best of a few)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    t = time_it(lambda: a @ b, device, warmup=2, repeat=5)['min']
+    return 2 * size**3 / t
+
+
+def build_model(args, device):
+    import mila_det  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    if args.backbone:
+        if args.backbone not in BACKBONES:
+            sys.exit(f'error: unknown --backbone {args.backbone!r}; choose '
+                     f'from {sorted(BACKBONES)}')
+        kind, arch = BACKBONES[args.backbone]
+        return MODELS.build(dict(type=kind, arch=arch, drop_path_rate=0.0)
+                            ).to(device), False
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    cfg.model.backbone.init_cfg = None
+    return MODELS.build(cfg.model).to(device), True
+
+
+def make_step(model, is_detector: bool, mode: str, shape, batch: int,
+              device) -> Callable[[], None]:
+    h, w = shape
+    if not is_detector:
+        x = torch.randn(batch, 3, h, w, device=device)
+        if mode == 'infer':
+            model.eval()
+
+            def step():
+                with torch.no_grad():
+                    model(x)
+        else:
+            model.train()
+
+            def step():
+                outs = model(x)
+                sum(o.float().mean() for o in outs).backward()
+        return step
+    from mila_det.utils.synthetic import synthetic_det_batch
+    x, samples = synthetic_det_batch(batch, h, w, device)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x, samples, mode='predict')
+    else:
+        model.train()
+
+        def step():
+            losses = model(x, samples, mode='loss')
+            total, _ = model.parse_losses(losses)
+            total.backward()
+    return step
+
+
+def count_macs(model, is_detector: bool, shape, args) -> Optional[float]:
+    from mila_det.analysis import backbone_macs
+    target = model.backbone if is_detector else model
+    return backbone_macs(target, shape)['total']
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config', nargs='?', help='a detector config')
+    parser.add_argument('--backbone', help=f'one of {sorted(BACKBONES)}')
+    parser.add_argument('--shape', nargs=2, type=int, default=[800, 1280],
+                        metavar=('H', 'W'))
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available()
+                        else 'cpu')
+    parser.add_argument('--compare-naive', action='store_true',
+                        help='also time the plain reference operators '
+                        '(MILA_DET_BACKEND=naive) in the same run')
+    args = parser.parse_args()
+    if bool(args.config) == bool(args.backbone):
+        sys.exit('error: give either a CONFIG or --backbone NAME')
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, is_detector = build_model(args, device)
+    name = args.backbone or os.path.basename(args.config)
+    rate = matmul_rate(device)
+    macs = count_macs(model, is_detector, args.shape, args)
+    print(f'{name}: {args.mode}, batch {args.batch}, '
+          f'{args.shape[0]}x{args.shape[1]}, {device}, '
+          f'{torch.get_num_threads()} threads')
+    print(f'  machine fp32 matmul rate (2048^2): {rate / 1e9:.1f} GFLOP/s')
+    if macs is not None:
+        label = 'backbone' if is_detector else 'model'
+        print(f'  {label} multiply-adds per image: {macs / 1e9:.2f} G')
+    backends = ['auto'] + (['naive'] if args.compare_naive else [])
+    results = {}
+    for backend in backends:
+        os.environ['MILA_DET_BACKEND'] = backend
+        step = make_step(model, is_detector, args.mode, args.shape,
+                         args.batch, device)
+        repeat = args.repeat if backend == 'auto' else max(1, args.repeat // 3)
+        r = time_it(step, device, args.warmup, repeat)
+        results[backend] = r
+        line = (f'  [{backend:5s}] median {r["median"] * 1e3:9.1f} ms  '
+                f'{args.batch / r["median"]:6.2f} img/s  peak '
+                f'{r["peak_mib"]:8.0f} MiB')
+        if macs is not None and args.mode == 'infer' and not is_detector:
+            eff = 2 * macs * args.batch / r['median'] / rate
+            line += f'  efficiency {eff * 100:5.1f}%'
+        print(line, flush=True)
+    os.environ.pop('MILA_DET_BACKEND', None)
+    if 'naive' in results:
+        speedup = results['naive']['median'] / results['auto']['median']
+        print(f'  fast path speed-up over the naive reference: '
+              f'{speedup:.1f}x')
+
+
+if __name__ == '__main__':
+    main()

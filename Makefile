@@ -7,3 +7,9 @@ env:
 
 test: env
 	$(PY) -m pytest -q tests
+
+.PHONY: demo
+demo: env
+	$(PY) tools/make_demo_data.py --out data/shapes
+	$(PY) tools/train.py configs/demo/mask_rcnn_mila_demo.py --work-dir work_dirs/demo
+	$(PY) tools/demo_report.py work_dirs/demo

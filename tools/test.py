@@ -15,7 +15,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mila_det.utils.checkpoint import allow_mmengine_checkpoints
+import mila_det  # noqa: F401  (registers models, config scope, safe loading)
 from mila_det.utils.preflight import check_data
 
 
@@ -81,7 +81,6 @@ def main() -> None:
         cfg.model = dict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
-    allow_mmengine_checkpoints()
     runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else
               Runner.from_cfg(cfg))
     if args.out is not None:

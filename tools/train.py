@@ -13,7 +13,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from mila_det.utils.checkpoint import allow_mmengine_checkpoints
+import mila_det  # noqa: F401  (registers models, config scope, safe loading)
 from mila_det.utils.preflight import check_data, check_pretrained
 
 
@@ -79,7 +79,6 @@ def main() -> None:
             check_pretrained(cfg)
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
-    allow_mmengine_checkpoints()
     if 'runner_type' in cfg:
         runner = RUNNERS.build(cfg)
     else:

@@ -6,7 +6,7 @@ _base_ = '../mask_rcnn_mila_t_1x.py'
 
 data_root = 'data/shapes/'
 classes = ('rectangle', 'ellipse', 'triangle')
-image_size = 192  # the generated images; no resizing needed
+image_size = 192  # the generated images' size
 max_epochs = 12
 
 # A MILA of the same design at toy width/depth (~0.6M parameters), trained
@@ -37,11 +37,13 @@ model = dict(
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',

@@ -1,8 +1,13 @@
-"""Training-loop pieces MMEngine lacks on CPU."""
+"""Training-loop pieces MMEngine lacks: bf16 autocast on CPU, and
+reproducible random streams across kill-and-resume."""
+import random
 from contextlib import contextmanager
+from typing import Optional
 
+import numpy as np
 import torch
-from mmdet.registry import OPTIM_WRAPPERS
+from mmdet.registry import HOOKS, OPTIM_WRAPPERS
+from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 
@@ -45,3 +50,31 @@ class CPUAutocastOptimWrapper(OptimWrapper):
                 yield
         finally:
             del target.extract_feat  # back to the class's method
+
+
+@HOOKS.register_module()
+class EpochSeedHook(Hook):
+    """Reseed Python, NumPy and torch at the start of every training epoch
+    from ``(seed, epoch)``.
+
+    MMEngine's checkpoints do not hold random-number states, so a run
+    resumed after a kill would draw different augmentations and drop-path
+    masks than the run it continues. With this hook each epoch's random
+    stream depends only on the seed and the epoch, so an interrupted and
+    resumed run ends exactly where an uninterrupted one does (on CPU, with
+    ``randomness=dict(seed=..., deterministic=True)``).
+
+    Args:
+        seed (int, optional): Base seed. Defaults to the runner's seed.
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.seed = seed
+
+    def before_train_epoch(self, runner) -> None:
+        base = self.seed if self.seed is not None else runner.seed
+        seed = (int(base) * 1_000_003 + runner.epoch) % (2**31)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)

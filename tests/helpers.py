@@ -67,4 +67,6 @@ def tiny_detector_cfg(config: str, data_root: str, work_dir: str,
     ]
     cfg.default_hooks.logger.interval = 1
     cfg.env_cfg.dist_cfg = dict(backend='gloo')
+    cfg.randomness = dict(seed=0, deterministic=True)
+    cfg.custom_hooks = [dict(type='EpochSeedHook')]
     return cfg

@@ -9,6 +9,7 @@ import os
 import os.path as osp
 import sys
 
+import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -51,8 +52,13 @@ def build_config(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    if args.launcher != 'none' and not torch.cuda.is_available():
+        # CPU-only distributed run: gloo, and DDP without device ids.
+        cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = 'gloo'
+        if cfg.get('model_wrapper_cfg') is None:
+            cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
+                                         device_ids=None)
     if args.amp:
-        import torch
         if torch.cuda.is_available():
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'

@@ -88,4 +88,6 @@ default_hooks = dict(
     checkpoint=dict(interval=1, max_keep_ckpts=2))
 # No GPU: gloo for two-process runs (tools/dist_train.sh CONFIG 2).
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+# Reproducible on CPU, also across kill-and-resume (--resume).
 randomness = dict(seed=0, deterministic=True)
+custom_hooks = [dict(type='EpochSeedHook')]

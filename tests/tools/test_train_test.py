@@ -2,6 +2,7 @@
 prediction, training that survives being killed, and tools/test.py."""
 import os
 import os.path as osp
+import re
 import signal
 import subprocess
 import sys
@@ -102,34 +103,49 @@ def _latest_epoch(work_dir):
     return int(name[len('epoch_'):-len('.pth')]) if name else 0
 
 
-def test_training_killed_then_resumed(tmp_path, shapes_root):
-    work = str(tmp_path / 'work')
-    cfg = tiny_detector_cfg('mask_rcnn_mila_t_1x.py', shapes_root, work,
-                            max_epochs=4)
-    cfg.train_cfg.val_interval = 100  # no evaluation; keep it short
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
+        tmp_path, shapes_root):
+    cfg = tiny_detector_cfg('mask_rcnn_mila_t_1x.py', shapes_root, '',
+                            max_epochs=3)
+    cfg.train_cfg.val_interval = 3
     cfg_path = str(tmp_path / 'cfg.py')
     cfg.dump(cfg_path)
     train = [sys.executable, osp.join(REPO_ROOT, 'tools/train.py'), cfg_path]
-    proc = subprocess.Popen(train, cwd=tmp_path, stdout=subprocess.DEVNULL,
+
+    straight = str(tmp_path / 'straight')
+    done = run_tool(*train[1:], '--work-dir', straight, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = str(tmp_path / 'killed')
+    proc = subprocess.Popen(train + ['--work-dir', killed], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while _latest_epoch(work) < 1 and time.time() < deadline:
+    while _latest_epoch(killed) < 1 and time.time() < deadline:
         assert proc.poll() is None, 'training ended before it was killed'
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = _latest_epoch(work)
-    assert 1 <= killed_at < 4
+    killed_at = _latest_epoch(killed)
+    assert 1 <= killed_at < 3
 
-    resumed = run_tool(osp.join(REPO_ROOT, 'tools/train.py'), cfg_path,
-                       '--resume', cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_tool(*train[1:], '--work-dir', killed, '--resume',
+                       cwd=tmp_path)
     log = resumed.stderr + resumed.stdout
+    assert resumed.returncode == 0, log[-3000:]
     assert f'resumed epoch: {killed_at}' in log, log[-4000:]
-    assert _latest_epoch(work) == 4
-    ckpt = torch.load(osp.join(work, 'epoch_4.pth'), weights_only=True)
-    assert ckpt['meta']['epoch'] == 4
-    assert ckpt['meta']['iter'] == 4 * 4  # 8 images / batch 2, every epoch
+    assert _latest_epoch(killed) == 3
+
+    a = torch.load(osp.join(straight, 'epoch_3.pth'), weights_only=True)
+    b = torch.load(osp.join(killed, 'epoch_3.pth'), weights_only=True)
+    assert (a['meta']['epoch'], a['meta']['iter']) == (3, 12)
+    assert (b['meta']['epoch'], b['meta']['iter']) == (3, 12)
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), key
+    # the same weights, so the same losses logged at the last iteration
+    last = re.compile(r'Epoch\(train\)\s+\[3\]\[4/4\].*?(loss: [0-9.]+.*)')
+    assert last.findall(done.stdout + done.stderr) == last.findall(log)
+    assert last.findall(log)
 
 
 def test_tools_test_evaluates_a_checkpoint(tmp_path, shapes_root):

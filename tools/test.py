@@ -16,6 +16,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mila_det  # noqa: F401  (registers models, config scope, safe loading)
+from mila_det.utils.dist import init_cpu_distributed
 from mila_det.utils.preflight import check_data
 
 
@@ -81,6 +82,7 @@ def main() -> None:
         cfg.model = dict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
+    init_cpu_distributed(args.launcher)
     runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else
               Runner.from_cfg(cfg))
     if args.out is not None:

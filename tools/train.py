@@ -15,6 +15,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import mila_det  # noqa: F401  (registers models, config scope, safe loading)
+from mila_det.utils.dist import init_cpu_distributed
 from mila_det.utils.preflight import check_data, check_pretrained
 
 
@@ -85,6 +86,7 @@ def main() -> None:
             check_pretrained(cfg)
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
+    init_cpu_distributed(args.launcher)
     if 'runner_type' in cfg:
         runner = RUNNERS.build(cfg)
     else:

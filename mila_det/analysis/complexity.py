@@ -11,7 +11,7 @@ a custom operator the tracer cannot see into, is counted analytically:
 * ``vim`` (Vision Mamba's eq. 8 as usually cited):
   ``3 * B * L * D * N + B * L * D * N`` = ``4 * B * L * D * N``.
 """
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from mmengine.analysis import FlopAnalyzer

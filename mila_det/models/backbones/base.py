@@ -1,11 +1,26 @@
 """What MILA and VMamba share as MMDetection backbones: stage indices,
 freezing, and initialisation from an official checkpoint."""
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
 
 from mila_det.utils.checkpoint import load_pretrained
+
+
+def init_linear_and_norms(module: nn.Module) -> None:
+    """The authors' init (MILA and VMamba alike): trunc-normal(0.02) weights
+    and zero bias for every Linear (Linear2d included), weight 1 and bias 0
+    for every LayerNorm; convolutions keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class StageBackbone(BaseModule):
@@ -13,11 +28,27 @@ class StageBackbone(BaseModule):
     ``layers[i]`` (each holding its own downsample) and output norms named
     ``{norm_prefix}{i}``.
 
-    Subclasses set ``ignored_keys`` (checkpoint keys unused by design) and
-    ``norm_prefix``, and implement ``_reset_parameters``.
+    Subclasses set ``arch_zoo`` (named settings) and ``arch_keys`` (what a
+    custom arch dict must hold), ``ignored_keys`` (checkpoint keys unused by
+    design) and ``norm_prefix``, and implement ``_reset_parameters``.
     """
+    arch_zoo: Dict[str, dict] = {}
+    arch_keys: Tuple[str, ...] = ()
     ignored_keys: Tuple[str, ...] = ()
     norm_prefix = 'norm'
+
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        name = cls.__name__
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_zoo:
+                raise KeyError(f'{name}: unknown arch {arch!r}; choose from '
+                               f'{sorted(cls.arch_zoo)} or pass a dict')
+            return dict(cls.arch_zoo[arch.lower()])
+        if not isinstance(arch, dict) or not set(cls.arch_keys) <= set(arch):
+            raise ValueError(f'{name}: a custom arch must be a dict with keys '
+                             f'{sorted(cls.arch_keys)}, got {arch!r}')
+        return dict(arch)
 
     @staticmethod
     def _check_stages(name: str, num_stages: int, out_indices: Sequence[int],

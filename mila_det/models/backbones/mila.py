@@ -16,12 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS
-from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
 from mila_det.ops import rope_table
 from ..layers import MILABlock
-from .base import StageBackbone
+from .base import StageBackbone, init_linear_and_norms
 
 # Tensors of official checkpoints that a detection backbone does not use:
 # the ImageNet classifier and its final norm, and the RoPE tables (derived
@@ -176,6 +175,7 @@ class MILA(StageBackbone):
             None (random init as the authors').
     """
     ignored_keys = MILA_IGNORED_KEYS
+    arch_keys = ('embed_dims', 'depths', 'num_heads')
     arch_zoo: Dict[str, dict] = {
         **dict.fromkeys(['t', 'tiny'], dict(
             embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4, 8, 16))),
@@ -222,31 +222,13 @@ class MILA(StageBackbone):
 
     @classmethod
     def _parse_arch(cls, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            key = arch.lower()
-            if key not in cls.arch_zoo:
-                raise KeyError(f'MILA: unknown arch {arch!r}; choose from '
-                               f'{sorted(cls.arch_zoo)} or pass a dict')
-            return dict(cls.arch_zoo[key])
-        required = {'embed_dims', 'depths', 'num_heads'}
-        if not isinstance(arch, dict) or not required <= set(arch):
-            raise ValueError(f'MILA: a custom arch must be a dict with keys '
-                             f'{sorted(required)}, got {arch!r}')
-        if len(arch['depths']) != len(arch['num_heads']):
+        settings = super()._parse_arch(arch)
+        if len(settings['depths']) != len(settings['num_heads']):
             raise ValueError('MILA: depths and num_heads differ in length')
-        return dict(arch)
+        return settings
 
     def _reset_parameters(self) -> None:
-        """The authors' initialisation: trunc-normal(0.02) Linear weights with
-        zero bias, unit LayerNorms; convolutions keep PyTorch's default."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norms(self)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``x: [B, 3, H, W]`` (any H, W) -> one ``[B, C_i, H_i, W_i]`` map per

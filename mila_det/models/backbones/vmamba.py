@@ -16,9 +16,8 @@ import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from ..layers.vmamba_block import (LayerNorm2d, VSSBlock,
-                                   init_vmamba_linear_and_norms)
-from .base import StageBackbone
+from ..layers.vmamba_block import LayerNorm2d, VSSBlock
+from .base import StageBackbone, init_linear_and_norms
 
 # Official ImageNet tensors a detection backbone does not use.
 VMAMBA_IGNORED_KEYS = (r'classifier\..*', )
@@ -81,6 +80,7 @@ class VMamba(StageBackbone):
     """
     ignored_keys = VMAMBA_IGNORED_KEYS
     norm_prefix = 'outnorm'
+    arch_keys = ('dims', 'depths', 'ssm_ratio', 'd_state')
     arch_zoo: Dict[str, dict] = {
         **dict.fromkeys(['t', 'tiny'], dict(
             dims=96, depths=(2, 2, 8, 2), ssm_ratio=1.0, d_state=1)),
@@ -145,21 +145,8 @@ class VMamba(StageBackbone):
                 mlp_ratio=mlp_ratio))
         for i in self.out_indices:
             self.add_module(f'outnorm{i}', LayerNorm2d(dims[i]))
-        init_vmamba_linear_and_norms(self)
+        init_linear_and_norms(self)
         self._freeze_stages()
-
-    @classmethod
-    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
-        if isinstance(arch, str):
-            if arch.lower() not in cls.arch_zoo:
-                raise KeyError(f'VMamba: unknown arch {arch!r}; choose from '
-                               f'{sorted(cls.arch_zoo)} or pass a dict')
-            return dict(cls.arch_zoo[arch.lower()])
-        required = {'dims', 'depths', 'ssm_ratio', 'd_state'}
-        if not isinstance(arch, dict) or not required <= set(arch):
-            raise ValueError(f'VMamba: a custom arch must be a dict with keys '
-                             f'{sorted(required)}, got {arch!r}')
-        return dict(arch)
 
     def _reset_parameters(self) -> None:
         for m in self.modules():
@@ -167,7 +154,7 @@ class VMamba(StageBackbone):
                 m.reset_parameters()
             elif hasattr(m, 'reset_ssm_parameters'):
                 m.reset_ssm_parameters()
-        init_vmamba_linear_and_norms(self)
+        init_linear_and_norms(self)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``x: [B, 3, H, W]`` -> one map per ``out_indices``, stage i at

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
-from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
 from mila_det.ops import cross_merge, cross_scan, selective_scan
@@ -141,16 +140,3 @@ class VSSBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.op(self.norm(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-def init_vmamba_linear_and_norms(module: nn.Module) -> None:
-    """The authors' init for Linear/Linear2d (trunc-normal 0.02, zero bias)
-    and LayerNorms (1, 0); convs and raw SSM parameters untouched."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

@@ -16,44 +16,63 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _chunk_size(length: int) -> int:
+    """About ``sqrt(L)`` tokens per chunk (at least 8)."""
+    return max(8, math.isqrt(max(length - 1, 0)) + 1)
+
+
+def _chunk_end_states(a3: Tensor, b3: Tensor) -> Tuple[Tensor, Tensor]:
+    """For ``a3, b3: [n_chunks, T, M]``: each chunk's end state from a zero
+    start, and the product of its decays (``[n_chunks, M]`` both)."""
+    state = b3[:, 0].clone()
+    decay = a3[:, 0].clone()
+    for t in range(1, a3.shape[1]):
+        state = torch.addcmul(b3[:, t], a3[:, t], state)
+        decay.mul_(a3[:, t])
+    return state, decay
+
+
 def linear_recurrence(a: Tensor, b: Tensor,
                       chunk: Optional[int] = None) -> Tensor:
     """Solve ``h[t] = a[t] * h[t-1] + b[t]`` with ``h[-1] = 0``.
 
+    Three steps: each chunk's end state from a zero start (a sequential pass
+    inside every chunk, all chunks at once), the states entering every chunk
+    (a short pass over the chunks), then the states themselves (a second
+    pass inside every chunk, now from the right start). Tokens beyond the
+    last whole chunk are finished one by one.
+
     Args:
         a (Tensor): Decays ``[L, M]`` (time first, contiguous).
         b (Tensor): Inputs ``[L, M]``.
-        chunk (int, optional): Tokens per chunk. Defaults to ``ceil(sqrt(L))``
-            (at least 8).
+        chunk (int, optional): Tokens per chunk. Defaults to
+            ``ceil(sqrt(L))`` (at least 8).
 
     Returns:
         Tensor: States ``h: [L, M]``.
     """
     length, width = b.shape
-    if chunk is None:
-        chunk = max(8, math.isqrt(length - 1) + 1 if length > 1 else 1)
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
-    if pad:
-        a = F.pad(a, (0, 0, 0, pad), value=1.0)
-        b = F.pad(b, (0, 0, 0, pad))
-    a3 = a.reshape(n_chunks, chunk, width)
-    b3 = b.reshape(n_chunks, chunk, width)
-    h = torch.empty_like(b3)
-    h[:, 0] = b3[:, 0]
-    for t in range(1, chunk):  # inside every chunk at once, from zero
-        torch.addcmul(b3[:, t], a3[:, t], h[:, t - 1], out=h[:, t])
-    if n_chunks > 1:
-        decay = torch.cumprod(a3, dim=1)  # product of a from chunk start
-        carry = torch.zeros(n_chunks, 1, width, dtype=b.dtype,
-                            device=b.device)
-        state = carry[0, 0]
-        for c in range(1, n_chunks):  # state entering chunk c
-            state = torch.addcmul(h[c - 1, -1], decay[c - 1, -1], state)
-            carry[c, 0] = state
-        h.addcmul_(decay, carry)
-    h = h.reshape(n_chunks * chunk, width)
-    return h[:length] if pad else h
+    chunk = chunk or _chunk_size(length)
+    n_chunks = length // chunk
+    main = n_chunks * chunk
+    h = torch.empty_like(b)
+    state = b.new_zeros(width)
+    if n_chunks:
+        a3 = a[:main].view(n_chunks, chunk, width)
+        b3 = b[:main].view(n_chunks, chunk, width)
+        h3 = h[:main].view(n_chunks, chunk, width)
+        ends, decays = _chunk_end_states(a3, b3)
+        starts = torch.empty_like(ends)  # state entering each chunk
+        for c in range(n_chunks):
+            starts[c] = state
+            state = torch.addcmul(ends[c], decays[c], state)
+        torch.addcmul(b3[:, 0], a3[:, 0], starts, out=h3[:, 0])
+        for t in range(1, chunk):
+            torch.addcmul(b3[:, t], a3[:, t], h3[:, t - 1], out=h3[:, t])
+    for t in range(main, length):
+        state = torch.addcmul(b[t], a[t], state)
+        h[t] = state
+    return h
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -61,28 +80,38 @@ def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.promote_types(u.dtype, torch.float32)
 
 
+def _time_first(x: Tensor, groups: int) -> Tensor:
+    """View ``[B, D, L]`` as ``[L, B, G, D/G, 1]`` (no copy)."""
+    return x.permute(2, 0, 1).unflatten(2, (groups, -1)).unsqueeze(-1)
+
+
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
              delta_bias: Optional[Tensor], delta_softplus: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Time-first fp32 views: delta ``[B, D, L]`` after bias/softplus, and the
-    recurrence terms ``a, b: [L, B, G, Dg, N]``."""
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The recurrence in time-first layout, fp32 (fp64 for fp64 inputs):
+    the step ``dt: [L, B, G, Dg, 1]`` after bias and softplus, and
+    ``a = exp(dt A)``, ``b = dt B u``: ``[L, B, G, Dg, N]``, contiguous.
+    Each element-wise op writes straight into the new layout (``out=``), so
+    the transposition costs no extra pass."""
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
-    per_group = channels // groups
     ct = _compute_dtype(u)
-    dt = delta.to(ct)
+    dt = torch.empty(length, batch, channels, dtype=ct, device=u.device)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[None, :, None]
+        torch.add(delta.permute(2, 0, 1), delta_bias.to(ct), out=dt)
+    else:
+        dt.copy_(delta.permute(2, 0, 1))
     if delta_softplus:
         dt = F.softplus(dt)
-    dt_t = dt.permute(2, 0, 1).reshape(length, batch, groups, per_group, 1)
-    u_t = u.to(ct).permute(2, 0, 1).reshape(length, batch, groups,
-                                             per_group, 1)
-    A_g = A.to(ct).reshape(groups, per_group, n_state)
-    B_t = B.to(ct).permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
-    a = torch.exp(dt_t * A_g)
-    b = (dt_t * u_t) * B_t
-    return dt, a, b, dt_t
+    dt = dt.unflatten(2, (groups, -1)).unsqueeze(-1)  # [L, B, G, Dg, 1]
+    shape = (*dt.shape[:4], n_state)
+    A_g = A.to(ct).reshape(groups, -1, n_state)
+    a = torch.empty(shape, dtype=ct, device=u.device)
+    torch.mul(dt, A_g, out=a).exp_()
+    b = torch.empty(shape, dtype=ct, device=u.device)
+    dt_u = torch.mul(dt, _time_first(u, groups))  # contiguous, like dt
+    torch.mul(dt_u, B.permute(3, 0, 1, 2).unsqueeze(3), out=b)
+    return dt, a, b
 
 
 class SelectiveScanChunkedFunction(torch.autograd.Function):
@@ -96,18 +125,22 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
         batch, channels, length = u.shape
         groups, n_state = B.shape[1], A.shape[1]
         ct = _compute_dtype(u)
-        _, a, b, _ = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-        shape = a.shape
-        h = linear_recurrence(a.reshape(length, -1), b.reshape(length, -1))
-        h = h.reshape(shape)
-        C_t = C.to(ct).permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
-        y = (h * C_t).sum(-1).reshape(length, batch, channels)
-        y = y.permute(1, 2, 0)
+        _, a, b = _prepare(u, delta, A, B, delta_bias, delta_softplus)
+        h = linear_recurrence(a.view(length, -1), b.view(length, -1))
+        del a, b
+        h = h.view(length, batch, groups, -1, n_state)
+        C_t = C.permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
+        y = torch.empty(batch, channels, length, dtype=ct, device=u.device)
+        y_t = _time_first(y, groups)[..., 0]  # a view, written in place
+        if n_state == 1:
+            torch.mul(h[..., 0], C_t[..., 0], out=y_t)
+        else:
+            y_t.copy_((h * C_t).sum(-1))
         if D is not None:
-            y = y + D.to(ct)[None, :, None] * u.to(ct)
+            y.addcmul_(D.to(ct)[None, :, None], u)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
-        return y.contiguous()
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -116,8 +149,8 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
         groups, n_state = B.shape[1], A.shape[1]
         per_group = channels // groups
         ct = _compute_dtype(u)
-        dt, a, b, dt_t = _prepare(u, delta, A, B, delta_bias,
-                                  ctx.delta_softplus)
+        dt_t, a, b = _prepare(u, delta, A, B, delta_bias,
+                              ctx.delta_softplus)
         shape = a.shape  # [L, B, G, Dg, N]
         h = linear_recurrence(a.reshape(length, -1),
                               b.reshape(length, -1)).reshape(shape)

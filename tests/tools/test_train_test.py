@@ -1,5 +1,6 @@
 """The entry points: pre-flight errors, a Mask R-CNN + MILA-T step and a
 prediction, training that survives being killed, and tools/test.py."""
+import glob
 import os
 import os.path as osp
 import re
@@ -159,7 +160,9 @@ def test_tools_test_evaluates_a_checkpoint(tmp_path, shapes_root):
     cfg.dump(cfg_path)
     proc = run_tool(osp.join(REPO_ROOT, 'tools/test.py'), cfg_path, ckpt,
                     '--work-dir', work, '--out', str(tmp_path / 'preds.pkl'),
-                    cwd=tmp_path)
+                    '--show-dir', 'drawn', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'coco/bbox_mAP' in proc.stdout + proc.stderr
     assert osp.isfile(tmp_path / 'preds.pkl')
+    drawn = glob.glob(osp.join(work, '*', 'drawn', '*.png'))
+    assert len(drawn) == 3  # every validation image, predictions drawn

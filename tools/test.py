@@ -70,7 +70,7 @@ def main() -> None:
         if 'visualization' not in hooks:
             raise ValueError('--show/--show-dir need a visualization hook in '
                              'default_hooks')
-        hooks.visualization.enable = True
+        hooks.visualization.draw = True
         hooks.visualization.show = args.show
         hooks.visualization.wait_time = args.wait_time
         if args.show_dir:

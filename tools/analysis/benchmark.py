@@ -4,6 +4,7 @@
     python tools/analysis/benchmark.py --backbone mila_t --shape 800 1280
     python tools/analysis/benchmark.py configs/mask_rcnn_mila_t_1x.py \\
         --mode train --shape 800 1216
+    python tools/analysis/benchmark.py --sweep --repeat 1
 
 Efficiency is ``2 * multiply-adds / time / R``, where R is this machine's
 fp32 matmul rate (a 2048 x 2048 product) measured in the same run, so a
@@ -20,10 +21,19 @@ from typing import Callable, Dict, Optional
 import torch
 
 BACKBONES = {
-    'mila_t': ('MILA', 'tiny'), 'mila_s': ('MILA', 'small'),
-    'mila_b': ('MILA', 'base'), 'vmamba_t': ('VMamba', 'tiny'),
-    'vmamba_s': ('VMamba', 'small'), 'vmamba_b': ('VMamba', 'base'),
+    'mila_t': dict(type='MILA', arch='tiny'),
+    'mila_s': dict(type='MILA', arch='small'),
+    'mila_b': dict(type='MILA', arch='base'),
+    'vmamba_t': dict(type='VMamba', arch='tiny'),
+    'vmamba_s': dict(type='VMamba', arch='small'),
+    'vmamba_b': dict(type='VMamba', arch='base'),
+    # MMDetection's Swin-T (window attention), as a reference
+    'swin_t': dict(type='SwinTransformer', embed_dims=96,
+                   depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                   window_size=7, out_indices=(0, 1, 2, 3)),
 }
+SWEEP_SIDES = [224, 448, 640, 896, 1024, 1280, 1536, 2048]
+SWEEP_MODELS = ['mila_t', 'vmamba_t', 'swin_t']
 
 
 class PeakMemory:
@@ -91,22 +101,29 @@ def matmul_rate(device: torch.device, size: int = 2048) -> float:
     return 2 * size**3 / t
 
 
-def build_model(args, device):
-    import mila_det  # noqa: F401
+def _models_registry():
+    import mila_det  # noqa: F401  (registers MILA and VMamba)
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
+    return MODELS
+
+
+def build_backbone(name: str, device):
+    if name not in BACKBONES:
+        sys.exit(f'error: unknown --backbone {name!r}; choose from '
+                 f'{sorted(BACKBONES)}')
+    return _models_registry().build(dict(BACKBONES[name],
+                                         drop_path_rate=0.0)).to(device)
+
+
+def build_model(args, device):
     if args.backbone:
-        if args.backbone not in BACKBONES:
-            sys.exit(f'error: unknown --backbone {args.backbone!r}; choose '
-                     f'from {sorted(BACKBONES)}')
-        kind, arch = BACKBONES[args.backbone]
-        return MODELS.build(dict(type=kind, arch=arch, drop_path_rate=0.0)
-                            ).to(device), False
+        return build_backbone(args.backbone, device), False
     from mmengine.config import Config
     cfg = Config.fromfile(args.config)
     cfg.model.backbone.init_cfg = None
-    return MODELS.build(cfg.model).to(device), True
+    return _models_registry().build(cfg.model).to(device), True
 
 
 def make_step(model, is_detector: bool, mode: str, shape, batch: int,
@@ -151,6 +168,51 @@ def count_macs(model, is_detector: bool, shape, args) -> Optional[float]:
     return backbone_macs(target, shape)['total']
 
 
+def sweep(args, device) -> None:
+    """Time and peak memory of the reference backbones from 224^2 to 2048^2;
+    a CSV, a log-log PNG, and each model's growth from 1024^2 to 2048^2."""
+    import csv
+    rows = []
+    for name in SWEEP_MODELS:
+        model = build_backbone(name, device)
+        for side in SWEEP_SIDES:
+            step = make_step(model, False, args.mode, (side, side),
+                             args.batch, device)
+            r = time_it(step, device, warmup=1, repeat=args.repeat)
+            rows.append((name, side, r['median'], r['peak_mib']))
+            print(f'  {name:9s} {side:5d}^2  {r["median"] * 1e3:9.1f} ms  '
+                  f'peak {r["peak_mib"]:7.0f} MiB', flush=True)
+        del model
+    out = args.sweep_out
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    with open(out + '.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['model', 'side', 'seconds', 'peak_mib'])
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in SWEEP_MODELS:
+        mine = [r for r in rows if r[0] == name]
+        pixels = [r[1]**2 / 1e6 for r in mine]
+        ax_t.plot(pixels, [r[2] for r in mine], marker='o', label=name)
+        ax_m.plot(pixels, [r[3] for r in mine], marker='o', label=name)
+    for ax, label in ((ax_t, 'seconds'), (ax_m, 'peak memory (MiB)')):
+        ax.set(xscale='log', yscale='log', xlabel='megapixels', ylabel=label)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend()
+    fig.suptitle(f'backbone {args.mode}, batch {args.batch}, {device}, '
+                 f'{torch.get_num_threads()} threads')
+    fig.tight_layout()
+    fig.savefig(out + '.png', dpi=100)
+    print(f'  wrote {out}.csv and {out}.png')
+    for name in SWEEP_MODELS:
+        t = {r[1]: r[2] for r in rows if r[0] == name}
+        print(f'  {name}: 1024^2 -> 2048^2 time grows '
+              f'{t[2048] / t[1024]:.2f}x (4x the pixels)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', nargs='?', help='a detector config')
@@ -167,12 +229,21 @@ def main() -> None:
     parser.add_argument('--compare-naive', action='store_true',
                         help='also time the plain reference operators '
                         '(MILA_DET_BACKEND=naive) in the same run')
+    parser.add_argument('--sweep', action='store_true',
+                        help=f'time {SWEEP_MODELS} at {SWEEP_SIDES} (square)')
+    parser.add_argument('--sweep-out', default='work_dirs/benchmark/sweep')
     args = parser.parse_args()
-    if bool(args.config) == bool(args.backbone):
-        sys.exit('error: give either a CONFIG or --backbone NAME')
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if args.sweep:
+        print(f'sweep: {args.mode}, batch {args.batch}, {device}, '
+              f'{torch.get_num_threads()} threads; matmul rate '
+              f'{matmul_rate(device) / 1e9:.1f} GFLOP/s')
+        sweep(args, device)
+        return
+    if bool(args.config) == bool(args.backbone):
+        sys.exit('error: give either a CONFIG or --backbone NAME')
     model, is_detector = build_model(args, device)
     name = args.backbone or os.path.basename(args.config)
     rate = matmul_rate(device)

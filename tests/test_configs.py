@@ -113,3 +113,24 @@ def test_config_builds_with_published_parameter_count(name):
     published = RECIPES[name][-1]
     tolerance = 0.005 if name.startswith('mask_rcnn_mila') else 0.01
     assert abs(params - published) <= tolerance * published, params
+
+
+@pytest.mark.parametrize('name', ['mask_rcnn_mila_demo',
+                                  'mask_rcnn_vmamba_demo'])
+def test_demo_configs_build_and_take_a_step(name):
+    import torch
+
+    from mila_det.utils.synthetic import synthetic_det_batch
+    register_all_modules()
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', 'demo',
+                                   f'{name}.py'))
+    assert cfg.train_dataloader.dataset.data_root == 'data/shapes/'
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    images, samples = synthetic_det_batch(2, 192, 192)
+    data = model.data_preprocessor(
+        dict(inputs=[(img * 50 + 110).clamp(0, 255) for img in images],
+             data_samples=samples), True)
+    losses = model(**data, mode='loss')
+    total, _ = model.parse_losses(losses)
+    assert torch.isfinite(total)

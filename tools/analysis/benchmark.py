@@ -16,7 +16,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 
@@ -162,7 +162,8 @@ def make_step(model, is_detector: bool, mode: str, shape, batch: int,
     return step
 
 
-def count_macs(model, is_detector: bool, shape, args) -> Optional[float]:
+def count_macs(model, is_detector: bool, shape) -> float:
+    """Multiply-adds of the backbone on one image (see get_flops.py)."""
     from mila_det.analysis import backbone_macs
     target = model.backbone if is_detector else model
     return backbone_macs(target, shape)['total']
@@ -247,12 +248,12 @@ def main() -> None:
     model, is_detector = build_model(args, device)
     name = args.backbone or os.path.basename(args.config)
     rate = matmul_rate(device)
-    macs = count_macs(model, is_detector, args.shape, args)
+    macs = count_macs(model, is_detector, args.shape)
     print(f'{name}: {args.mode}, batch {args.batch}, '
           f'{args.shape[0]}x{args.shape[1]}, {device}, '
           f'{torch.get_num_threads()} threads')
     print(f'  machine fp32 matmul rate (2048^2): {rate / 1e9:.1f} GFLOP/s')
-    if macs is not None:
+    if macs:
         label = 'backbone' if is_detector else 'model'
         print(f'  {label} multiply-adds per image: {macs / 1e9:.2f} G')
     backends = ['auto'] + (['naive'] if args.compare_naive else [])
@@ -267,7 +268,7 @@ def main() -> None:
         line = (f'  [{backend:5s}] median {r["median"] * 1e3:9.1f} ms  '
                 f'{args.batch / r["median"]:6.2f} img/s  peak '
                 f'{r["peak_mib"]:8.0f} MiB')
-        if macs is not None and args.mode == 'infer' and not is_detector:
+        if macs and args.mode == 'infer' and not is_detector:
             eff = 2 * macs * args.batch / r['median'] / rate
             line += f'  efficiency {eff * 100:5.1f}%'
         print(line, flush=True)

@@ -17,6 +17,7 @@ from mmengine.runner import Runner
 
 import mila_det  # noqa: F401  (registers models, config scope, safe loading)
 from mila_det.utils.dist import init_cpu_distributed
+from mila_det.utils.malloc import keep_freed_memory
 from mila_det.utils.preflight import check_data
 
 
@@ -45,6 +46,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:

@@ -16,6 +16,7 @@ from mmengine.runner import Runner
 
 import mila_det  # noqa: F401  (registers models, config scope, safe loading)
 from mila_det.utils.dist import init_cpu_distributed
+from mila_det.utils.malloc import keep_freed_memory
 from mila_det.utils.preflight import check_data, check_pretrained
 
 
@@ -79,6 +80,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
     cfg = build_config(args)
     try:
         check_data(cfg)

@@ -18,8 +18,13 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
 from torch import nn
 
-SCAN_OPS = ('prim::PythonOp.SelectiveScanChunkedFunction',
-            'prim::PythonOp.SelectiveScanFunction')
+# The scan's autograd Functions, and how to read (B, L, channels) from the
+# shape of their first input ``u``.
+SCAN_OPS = {
+    'prim::PythonOp.SelectiveScanFunction': lambda s: (s[0], s[2], s[1]),
+    'prim::PythonOp.SelectiveScanTokensFunction':  # [B, G, L, Dg]
+    lambda s: (s[0], s[2], s[1] * s[3]),
+}
 
 
 def selective_scan_macs(batch: int, length: int, channels: int,
@@ -42,14 +47,21 @@ def selective_scan_macs(batch: int, length: int, channels: int,
                      "'gu' or 'vim'")
 
 
-def _scan_handle(convention: str) -> Callable:
+def _scan_handle(convention: str, layout: Callable) -> Callable:
     def handle(inputs: List, outputs: List) -> int:
-        batch, channels, length = get_shape(inputs[0])
+        batch, length, channels = layout(get_shape(inputs[0]))
         d_state = get_shape(inputs[2])[1]
         with_d = get_shape(inputs[5]) is not None
         return selective_scan_macs(batch, length, channels, d_state,
                                    convention, with_d)
     return handle
+
+
+def _baddbmm_handle(inputs: List, outputs: List) -> int:
+    """``baddbmm(bias, x, w)``: the product's multiply-adds, as for addmm
+    (the bias add is not counted)."""
+    batch, rows, inner = get_shape(inputs[1])
+    return batch * rows * inner * get_shape(inputs[2])[-1]
 
 
 def flop_analyzer(model: nn.Module, inputs, ssm_convention: str = 'gu'
@@ -59,7 +71,9 @@ def flop_analyzer(model: nn.Module, inputs, ssm_convention: str = 'gu'
     if ssm_convention not in ('gu', 'vim'):
         raise ValueError(f'unknown SSM FLOP convention {ssm_convention!r}')
     analyzer = FlopAnalyzer(model, inputs)
-    handles = {op: _scan_handle(ssm_convention) for op in SCAN_OPS}
+    handles = {op: _scan_handle(ssm_convention, layout)
+               for op, layout in SCAN_OPS.items()}
+    handles['aten::baddbmm'] = _baddbmm_handle
     analyzer.set_op_handle(**handles)
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)

@@ -6,7 +6,8 @@ import torch
 from mila_det.ops import selective_scan
 from mila_det.ops.selective_scan import (linear_recurrence,
                                          selective_scan_chunked,
-                                         selective_scan_naive)
+                                         selective_scan_naive,
+                                         selective_scan_tokens)
 from tests.conftest import needs_triton, rel_err
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
@@ -69,6 +70,45 @@ def test_linear_recurrence_any_chunk(chunk):
         want.append(h)
     torch.testing.assert_close(linear_recurrence(a, b, chunk),
                                torch.stack(want))
+
+
+@pytest.mark.parametrize('chunk', [None, 4])
+def test_linear_recurrence_reverse_batched_with_initial(chunk):
+    """``h[t] = a[t] h[t+1] + b[t]`` from a given state, per batch row."""
+    a, b = torch.rand(3, 23, 5), torch.randn(3, 23, 5)
+    start = torch.randn(3, 5)
+    h, want = start, torch.empty_like(b)
+    for t in reversed(range(23)):
+        h = a[:, t] * h + b[:, t]
+        want[:, t] = h
+    got = linear_recurrence(a, b, chunk, reverse=True, initial=start)
+    torch.testing.assert_close(got, want)
+    linear_recurrence(a, b, chunk, reverse=True, initial=start, out=b)
+    torch.testing.assert_close(b, want)  # in place into b
+
+
+def test_linear_recurrence_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match='share a shape'):
+        linear_recurrence(torch.rand(4, 3), torch.rand(4, 2))
+
+
+@pytest.mark.parametrize('n_state', [1, 4], ids=lambda n: f'N{n}')
+def test_token_major_layout_is_the_transposed_channel_first(n_state):
+    """selective_scan_tokens on ``[B, G, L, Dg]`` = the reference on
+    ``[B, G*Dg, L]``, transposed."""
+    u, delta, A, B, C, D, bias = make_inputs(n_state=n_state, length=33)
+    batch, groups = u.shape[0], B.shape[1]
+
+    def tokens(x):
+        return x.view(batch, groups, -1, x.shape[-1]).transpose(2, 3)
+
+    got = selective_scan_tokens(tokens(u), tokens(delta), A,
+                                B.transpose(2, 3), C.transpose(2, 3), D,
+                                bias, delta_softplus=True)
+    want = selective_scan_naive(u, delta, A, B, C, D, bias, True)
+    assert rel_err(got, tokens(want)) < 1e-5
+    with pytest.raises(ValueError, match='B must be'):
+        selective_scan_tokens(tokens(u), tokens(delta), A, B, C)
 
 
 def test_chunked_scan_gradcheck_float64():

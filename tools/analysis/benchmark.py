@@ -234,12 +234,15 @@ def main() -> None:
                         help=f'time {SWEEP_MODELS} at {SWEEP_SIDES} (square)')
     parser.add_argument('--sweep-out', default='work_dirs/benchmark/sweep')
     args = parser.parse_args()
+    from mila_det.utils.malloc import keep_freed_memory
+    malloc = ('glibc heap kept (MILA_DET_MALLOC=default to compare)'
+              if keep_freed_memory() else 'default malloc')
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.sweep:
         print(f'sweep: {args.mode}, batch {args.batch}, {device}, '
-              f'{torch.get_num_threads()} threads; matmul rate '
+              f'{torch.get_num_threads()} threads, {malloc}; matmul rate '
               f'{matmul_rate(device) / 1e9:.1f} GFLOP/s')
         sweep(args, device)
         return
@@ -251,7 +254,7 @@ def main() -> None:
     macs = count_macs(model, is_detector, args.shape)
     print(f'{name}: {args.mode}, batch {args.batch}, '
           f'{args.shape[0]}x{args.shape[1]}, {device}, '
-          f'{torch.get_num_threads()} threads')
+          f'{torch.get_num_threads()} threads, {malloc}')
     print(f'  machine fp32 matmul rate (2048^2): {rate / 1e9:.1f} GFLOP/s')
     if macs:
         label = 'backbone' if is_detector else 'model'

@@ -162,7 +162,9 @@ class VMamba(StageBackbone):
         if x.dim() != 4:
             raise ValueError(f'VMamba expects images [B, C, H, W], got shape '
                              f'{tuple(x.shape)}')
-        x = self.patch_embed(x)
+        # Channels-last memory (the layout stays NCHW): LayerNorm2d, the 1x1
+        # and depthwise convs and the token-major scan then need no copies.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         outs = []
         for i, layer in enumerate(self.layers):
             out, x = layer(x)

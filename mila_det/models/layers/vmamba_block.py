@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor
 
-from mila_det.ops import cross_merge, cross_scan, selective_scan
+from mila_det.ops import (cross_merge, cross_scan, resolve_backend,
+                          selective_scan)
+from mila_det.ops.selective_scan import selective_scan_tokens
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -100,23 +102,74 @@ class SS2D(nn.Module):
         self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x: [B, C, H, W]`` -> ``[B, C, H, W]``."""
-        b, _, h, w = x.shape
-        length = h * w
-        n, rank, inner = self.d_state, self.dt_rank, self.d_inner
+        """``x: [B, C, H, W]`` -> ``[B, C, H, W]``.
+
+        On the PyTorch backend the scan runs token-major
+        (:meth:`_scan_tokens`); on Triton and the naive references it runs
+        on the channel-first sequences of the authors' layout
+        (:meth:`_scan_channel_first`). Both compute the same function.
+        """
         u = self.act(self.conv2d(self.in_proj(x)))
+        if resolve_backend('selective_scan', u) == 'torch':
+            y = self._scan_tokens(u)
+        else:
+            y = self._scan_channel_first(u)
+        y = F.layer_norm(y, (self.d_inner, ), self.out_norm.weight,
+                         self.out_norm.bias, self.out_norm.eps)
+        return self.out_proj(y.to(x.dtype).permute(0, 3, 1, 2))
+
+    def _ssm_args(self):
+        A = -torch.exp(self.A_logs.float())
+        return A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
+
+    def _scan_channel_first(self, u: Tensor) -> Tensor:
+        """Cross scan, scan and merge on ``[B, 4, Di, L]`` sequences.
+        ``u: [B, Di, H, W]`` -> ``[B, H, W, Di]`` fp32."""
+        b, _, h, w = u.shape
+        length, n, rank, inner = h * w, self.d_state, self.dt_rank, \
+            self.d_inner
         xs = cross_scan(u)  # [B, 4, Di, L]
         x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
         dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=2)
         dts = torch.einsum('bkrl,kdr->bkdl', dt_low, self.dt_projs_weight)
-        A = -torch.exp(self.A_logs.float())
+        A, D, bias = self._ssm_args()
         y = selective_scan(
             xs.reshape(b, 4 * inner, length), dts.reshape(b, 4 * inner, length),
-            A, Bs.contiguous(), Cs.contiguous(), self.Ds.float(),
-            self.dt_projs_bias.float().reshape(-1), delta_softplus=True)
+            A, Bs.contiguous(), Cs.contiguous(), D, bias, delta_softplus=True)
         y = cross_merge(y.reshape(b, 4, inner, length), h, w)
-        y = self.out_norm(y.reshape(b, inner, h, w))
-        return self.out_proj(y.to(x.dtype))
+        return y.reshape(b, inner, h, w).permute(0, 2, 3, 1)
+
+    def _scan_tokens(self, u: Tensor) -> Tensor:
+        """The same computation with tokens before channels, for CPUs: the
+        four routes (rows, columns, each read forwards and backwards) as
+        ``[B, 4, L, Di]``, so the projections are batched matmuls writing
+        the scan's layout and every token of a route is a contiguous row.
+        ``u: [B, Di, H, W]`` -> ``[B, H, W, Di]`` fp32."""
+        b, inner, h, w = u.shape
+        length, n, rank = h * w, self.d_state, self.dt_rank
+        grid = u.permute(0, 2, 3, 1)  # a view when u is channels-last
+        rows = grid.reshape(b, length, inner)
+        cols = grid.transpose(1, 2).reshape(b, length, inner)
+        xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=1)
+
+        def per_route(weight: Tensor) -> Tensor:  # [4, ...] -> [B * 4, ...]
+            return weight.expand(b, *weight.shape).flatten(0, 1)
+
+        x_dbl = torch.bmm(xs.view(b * 4, length, inner),
+                          per_route(self.x_proj_weight.transpose(1, 2)))
+        dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=-1)
+        A, D, bias = self._ssm_args()
+        # The step bias is added by the matmul (same sum, one pass fewer).
+        dts = torch.baddbmm(per_route(bias.view(4, 1, inner)), dt_low,
+                            per_route(self.dt_projs_weight.transpose(1, 2)))
+        y = selective_scan_tokens(
+            xs, dts.view(b, 4, length, inner), A,
+            Bs.reshape(b, 4, length, n), Cs.reshape(b, 4, length, n), D,
+            delta_softplus=True)  # [B, 4, L, Di]
+        y_rows = y[:, 0] + y[:, 2].flip(1)
+        y_cols = y[:, 1] + y[:, 3].flip(1)
+        return y_rows.view(b, h, w, inner) + y_cols.view(
+            b, w, h, inner).transpose(1, 2)
 
 
 class VSSBlock(nn.Module):

@@ -9,11 +9,12 @@ from typing import Optional
 from torch import Tensor
 
 from .._dispatch import resolve_backend
-from .cpu import linear_recurrence, selective_scan_chunked
+from .cpu import (linear_recurrence, selective_scan_chunked,
+                  selective_scan_tokens)
 from .naive import selective_scan_naive
 
 __all__ = ['selective_scan', 'selective_scan_naive', 'selective_scan_chunked',
-           'linear_recurrence']
+           'selective_scan_tokens', 'linear_recurrence']
 
 
 def selective_scan(u: Tensor,

@@ -1,5 +1,9 @@
 """Fast PyTorch path of the selective scan, for CPUs (and any device).
 
+It works token-major: ``u, delta: [B, L, G, Dg]`` and ``B, C: [B, L, G,
+N]``, so every time step is one contiguous row of all channels and the
+element-wise work runs on plain contiguous tensors, mostly in place.
+
 The recurrence ``h_t = a_t * h_{t-1} + b_t`` is run in chunks of about
 ``sqrt(L)`` tokens: a sequential pass inside every chunk, vectorised over all
 chunks and channels at once, then a short pass over the chunk ends to carry
@@ -21,57 +25,85 @@ def _chunk_size(length: int) -> int:
     return max(8, math.isqrt(max(length - 1, 0)) + 1)
 
 
-def _chunk_end_states(a3: Tensor, b3: Tensor) -> Tuple[Tensor, Tensor]:
-    """For ``a3, b3: [n_chunks, T, M]``: each chunk's end state from a zero
-    start, and the product of its decays (``[n_chunks, M]`` both)."""
-    state = b3[:, 0].clone()
-    decay = a3[:, 0].clone()
-    for t in range(1, a3.shape[1]):
-        state = torch.addcmul(b3[:, t], a3[:, t], state)
-        decay.mul_(a3[:, t])
+def _chunk_end_states(a4: Tensor, b4: Tensor,
+                      reverse: bool) -> Tuple[Tensor, Tensor]:
+    """For ``a4, b4: [B, n_chunks, T, M]``: each chunk's end state from a
+    zero start, and the product of its decays (``[B, n_chunks, M]`` both)."""
+    steps = range(a4.shape[2])
+    first, *rest = reversed(steps) if reverse else steps
+    state = b4[:, :, first].clone()
+    decay = a4[:, :, first].clone()
+    for t in rest:
+        state = torch.addcmul(b4[:, :, t], a4[:, :, t], state)
+        decay.mul_(a4[:, :, t])
     return state, decay
 
 
-def linear_recurrence(a: Tensor, b: Tensor,
-                      chunk: Optional[int] = None) -> Tensor:
-    """Solve ``h[t] = a[t] * h[t-1] + b[t]`` with ``h[-1] = 0``.
+def linear_recurrence(a: Tensor,
+                      b: Tensor,
+                      chunk: Optional[int] = None,
+                      reverse: bool = False,
+                      initial: Optional[Tensor] = None,
+                      out: Optional[Tensor] = None) -> Tensor:
+    """Solve ``h[t] = a[t] * h[t-1] + b[t]`` along the token axis.
 
     Three steps: each chunk's end state from a zero start (a sequential pass
     inside every chunk, all chunks at once), the states entering every chunk
     (a short pass over the chunks), then the states themselves (a second
-    pass inside every chunk, now from the right start). Tokens beyond the
-    last whole chunk are finished one by one.
+    pass inside every chunk, now from the right start). Tokens outside the
+    whole chunks are finished one by one.
 
     Args:
-        a (Tensor): Decays ``[L, M]`` (time first, contiguous).
-        b (Tensor): Inputs ``[L, M]``.
+        a (Tensor): Decays ``[B, L, M]`` or ``[L, M]``, contiguous.
+        b (Tensor): Inputs, same shape.
         chunk (int, optional): Tokens per chunk. Defaults to
             ``ceil(sqrt(L))`` (at least 8).
+        reverse (bool): Run from the last token to the first,
+            ``h[t] = a[t] * h[t+1] + b[t]``. Defaults to False.
+        initial (Tensor, optional): The state before the first step
+            (``[B, M]`` or ``[M]``). Defaults to zeros.
+        out (Tensor, optional): Where to write the states; may be ``b``
+            itself. Defaults to a new tensor.
 
     Returns:
-        Tensor: States ``h: [L, M]``.
+        Tensor: The states ``h``, shaped like ``b``.
     """
-    length, width = b.shape
+    if a.shape != b.shape or a.dim() not in (2, 3):
+        raise ValueError('linear_recurrence: a and b must share a shape '
+                         f'[B, L, M] or [L, M]; got {tuple(a.shape)} and '
+                         f'{tuple(b.shape)}')
+    if a.dim() == 2:
+        h = linear_recurrence(a[None], b[None], chunk, reverse,
+                              None if initial is None else initial[None],
+                              None if out is None else out[None])
+        return h[0]
+    batch, length, width = b.shape
     chunk = chunk or _chunk_size(length)
     n_chunks = length // chunk
     main = n_chunks * chunk
-    h = torch.empty_like(b)
-    state = b.new_zeros(width)
+    # Forward: whole chunks first, then the tail; reverse: the mirror image.
+    lo = length - main if reverse else 0
+    tail = range(lo - 1, -1, -1) if reverse else range(main, length)
+    h = torch.empty_like(b) if out is None else out
+    state = (b.new_zeros(batch, width) if initial is None else
+             initial.to(b.dtype).expand(batch, width))
     if n_chunks:
-        a3 = a[:main].view(n_chunks, chunk, width)
-        b3 = b[:main].view(n_chunks, chunk, width)
-        h3 = h[:main].view(n_chunks, chunk, width)
-        ends, decays = _chunk_end_states(a3, b3)
-        starts = torch.empty_like(ends)  # state entering each chunk
-        for c in range(n_chunks):
-            starts[c] = state
-            state = torch.addcmul(ends[c], decays[c], state)
-        torch.addcmul(b3[:, 0], a3[:, 0], starts, out=h3[:, 0])
-        for t in range(1, chunk):
-            torch.addcmul(b3[:, t], a3[:, t], h3[:, t - 1], out=h3[:, t])
-    for t in range(main, length):
-        state = torch.addcmul(b[t], a[t], state)
-        h[t] = state
+        a4 = a[:, lo:lo + main].view(batch, n_chunks, chunk, width)
+        b4 = b[:, lo:lo + main].view(batch, n_chunks, chunk, width)
+        h4 = h[:, lo:lo + main].view(batch, n_chunks, chunk, width)
+        ends, decays = _chunk_end_states(a4, b4, reverse)
+        starts = torch.empty_like(ends)  # the state entering each chunk
+        for c in (reversed(range(n_chunks)) if reverse else range(n_chunks)):
+            starts[:, c] = state
+            state = torch.addcmul(ends[:, c], decays[:, c], state)
+        steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
+        prev = starts
+        for t in steps:
+            torch.addcmul(b4[:, :, t], a4[:, :, t], prev, out=h4[:, :, t])
+            prev = h4[:, :, t]
+    for t in tail:
+        state = torch.addcmul(b[:, t], a[:, t], state)
+        h[:, t] = state
     return h
 
 
@@ -80,64 +112,75 @@ def _compute_dtype(u: Tensor) -> torch.dtype:
     return torch.promote_types(u.dtype, torch.float32)
 
 
-def _time_first(x: Tensor, groups: int) -> Tensor:
-    """View ``[B, D, L]`` as ``[L, B, G, D/G, 1]`` (no copy)."""
-    return x.permute(2, 0, 1).unflatten(2, (groups, -1)).unsqueeze(-1)
+def _per_channel(x: Tensor, u: Tensor, ct: torch.dtype) -> Tensor:
+    """A ``[G * Dg]`` parameter shaped ``[G, 1, Dg]`` to broadcast over
+    ``u: [B, G, L, Dg]``."""
+    return x.to(ct).view(u.shape[1], 1, u.shape[3])
 
 
-def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-             delta_bias: Optional[Tensor], delta_softplus: bool
-             ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The recurrence in time-first layout, fp32 (fp64 for fp64 inputs):
-    the step ``dt: [L, B, G, Dg, 1]`` after bias and softplus, and
-    ``a = exp(dt A)``, ``b = dt B u``: ``[L, B, G, Dg, N]``, contiguous.
-    Each element-wise op writes straight into the new layout (``out=``), so
-    the transposition costs no extra pass."""
-    batch, channels, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    ct = _compute_dtype(u)
-    dt = torch.empty(length, batch, channels, dtype=ct, device=u.device)
+def _step(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
+          ct: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """The step ``dt`` in ``ct`` (bias added, softplus applied; ``delta``
+    itself when there is nothing to apply, so never modify it in place), and
+    its pre-softplus value when softplus is on (for the backward)."""
+    pre = delta.to(ct)
     if delta_bias is not None:
-        torch.add(delta.permute(2, 0, 1), delta_bias.to(ct), out=dt)
-    else:
-        dt.copy_(delta.permute(2, 0, 1))
+        pre = pre + _per_channel(delta_bias, delta, ct)
     if delta_softplus:
-        dt = F.softplus(dt)
-    dt = dt.unflatten(2, (groups, -1)).unsqueeze(-1)  # [L, B, G, Dg, 1]
-    shape = (*dt.shape[:4], n_state)
-    A_g = A.to(ct).reshape(groups, -1, n_state)
-    a = torch.empty(shape, dtype=ct, device=u.device)
-    torch.mul(dt, A_g, out=a).exp_()
-    b = torch.empty(shape, dtype=ct, device=u.device)
-    dt_u = torch.mul(dt, _time_first(u, groups))  # contiguous, like dt
-    torch.mul(dt_u, B.permute(3, 0, 1, 2).unsqueeze(3), out=b)
-    return dt, a, b
+        return F.softplus(pre), pre
+    return pre, None
 
 
-class SelectiveScanChunkedFunction(torch.autograd.Function):
-    """Selective scan by :func:`linear_recurrence`, with an analytic
-    backward (a reverse recurrence); all accumulation in fp32."""
+def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor,
+                     B: Tensor) -> Tuple[Tensor, Tensor]:
+    """``a = exp(dt A)`` and ``b = dt u B``, both ``[B, G, L, N, Dg]`` (the
+    state index before the channel, so the innermost axis is long)."""
+    groups, per_group = u.shape[1], u.shape[3]
+    n_state = A.shape[1]
+    A_g = A.to(dt.dtype).view(groups, per_group, n_state).transpose(1, 2)
+    a = torch.mul(dt.unsqueeze(3), A_g.unsqueeze(1)).exp_()
+    b = torch.mul(dt, u).unsqueeze(3)
+    if n_state == 1:
+        b.mul_(B.to(dt.dtype).unsqueeze(-1))  # in place
+    else:
+        b = b * B.to(dt.dtype).unsqueeze(-1)
+    return a, b
+
+
+def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
+                **kwargs) -> Tensor:
+    """:func:`linear_recurrence` over ``[B, G, L, ...]`` tensors (each of the
+    ``B * G`` sequences on its own)."""
+    batch, groups, length = a.shape[:3]
+
+    def flat(x: Tensor) -> Tensor:
+        return x.reshape(batch * groups, length, -1)
+
+    h = linear_recurrence(flat(a), flat(b),
+                          out=None if out is None else flat(out), **kwargs)
+    return h.view(a.shape)
+
+
+class SelectiveScanTokensFunction(torch.autograd.Function):
+    """Token-major selective scan by :func:`linear_recurrence`, with an
+    analytic backward (a reverse recurrence); all accumulation in fp32."""
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
                 delta_softplus: bool) -> Tensor:
-        batch, channels, length = u.shape
-        groups, n_state = B.shape[1], A.shape[1]
         ct = _compute_dtype(u)
-        _, a, b = _prepare(u, delta, A, B, delta_bias, delta_softplus)
-        h = linear_recurrence(a.view(length, -1), b.view(length, -1))
-        del a, b
-        h = h.view(length, batch, groups, -1, n_state)
-        C_t = C.permute(3, 0, 1, 2).unsqueeze(3)  # [L, B, G, 1, N]
-        y = torch.empty(batch, channels, length, dtype=ct, device=u.device)
-        y_t = _time_first(y, groups)[..., 0]  # a view, written in place
-        if n_state == 1:
-            torch.mul(h[..., 0], C_t[..., 0], out=y_t)
+        dt, _ = _step(delta, delta_bias, delta_softplus, ct)
+        a, b = _decay_and_input(dt, u, A, B)
+        del dt
+        h = _recurrence(a, b, out=b)  # in place: b is not needed again
+        del a
+        if A.shape[1] == 1:
+            y = h.squeeze(3).mul_(C.to(ct))  # in place: h is not needed
         else:
-            y_t.copy_((h * C_t).sum(-1))
+            y = (h * C.to(ct).unsqueeze(-1)).sum(3)
         if D is not None:
-            y.addcmul_(D.to(ct)[None, :, None], u)
+            y.addcmul_(u, _per_channel(D, u, ct))
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         return y
@@ -145,64 +188,100 @@ class SelectiveScanChunkedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        batch, channels, length = u.shape
-        groups, n_state = B.shape[1], A.shape[1]
-        per_group = channels // groups
         ct = _compute_dtype(u)
-        dt_t, a, b = _prepare(u, delta, A, B, delta_bias,
-                              ctx.delta_softplus)
-        shape = a.shape  # [L, B, G, Dg, N]
-        h = linear_recurrence(a.reshape(length, -1),
-                              b.reshape(length, -1)).reshape(shape)
-        dy = dy.to(ct)
-        dy_t = dy.permute(2, 0, 1).reshape(length, batch, groups, per_group,
-                                           1)
-        C_t = C.to(ct).permute(3, 0, 1, 2).unsqueeze(3)
-        # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a recurrence in reverse.
-        a_rev = torch.empty_like(a)
-        a_rev[0] = 1.0
-        a_rev[1:] = a.flip(0)[:-1]
-        g = linear_recurrence(a_rev.reshape(length, -1),
-                              (dy_t * C_t).flip(0).reshape(length, -1))
-        g = g.reshape(shape).flip(0)
-        h_prev = torch.zeros_like(h)
-        h_prev[1:] = h[:-1]
-        d_log_a = g * h_prev * a  # dL/d(delta * A)
-        u_t = u.to(ct).permute(2, 0, 1).reshape(length, batch, groups,
-                                                 per_group, 1)
-        B_t = B.to(ct).permute(3, 0, 1, 2).unsqueeze(3)
-        A_g = A.to(ct).reshape(groups, per_group, n_state)
-        g_b = g * B_t  # [L, B, G, Dg, N]
-        d_dt = (d_log_a * A_g).sum(-1) + (g_b.sum(-1, keepdim=True) *
-                                          u_t).squeeze(-1)
-        dA = (d_log_a * dt_t).sum((0, 1)).reshape(channels, n_state)
-        du = (g_b.sum(-1, keepdim=True) * dt_t).squeeze(-1)
-        du = du.reshape(length, batch, channels).permute(1, 2, 0)
-        dB = (g * (dt_t * u_t)).sum(3).permute(1, 2, 3, 0)  # [B, G, N, L]
-        dC = (h * dy_t).sum(3).permute(1, 2, 3, 0)
-        d_delta = d_dt.reshape(length, batch, channels).permute(1, 2, 0)
+        groups, per_group = u.shape[1], u.shape[3]
+        n_state = A.shape[1]
+        dt, pre = _step(delta, delta_bias, ctx.delta_softplus, ct)
+        a, b = _decay_and_input(dt, u, A, B)
+        h = _recurrence(a, b)
+        dy = dy.to(ct).contiguous()
+        B_, C_ = B.to(ct).unsqueeze(-1), C.to(ct).unsqueeze(-1)
+        # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse recurrence
+        # whose decay at t is a_{t+1}; the last token starts it.
+        g = dy.unsqueeze(3) * C_
+        if g.shape[2] > 1:
+            _recurrence(a[:, :, 1:], g[:, :, :-1], reverse=True,
+                        initial=g[:, :, -1].flatten(0, 1).flatten(1),
+                        out=g[:, :, :-1])
+        dC = (h * dy.unsqueeze(3)).sum(-1)
+        # a_t h_{t-1} = h_t - b_t, so dL/d(dt A) = g_t a_t h_{t-1}.
+        d_log_a = g * h.sub_(b)
+        del a, b, h
+        A_g = A.to(ct).view(groups, per_group, n_state).transpose(1, 2)
+        g_b = (g * B_).sum(3)  # dL/d(dt u) without the D path
+        d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3).addcmul_(g_b, u)
+        dA = (d_log_a * dt.unsqueeze(3)).sum((0, 2)).transpose(1, 2)
+        du = g_b.mul_(dt)
+        dB = (g * (dt * u).unsqueeze(3)).sum(-1)
         dD = None
         if D is not None:
-            du = du + D.to(ct)[None, :, None] * dy
-            dD = (dy * u.to(ct)).sum((0, 2)).to(D.dtype)
+            du.addcmul_(dy, _per_channel(D, u, ct))
+            dD = (dy * u).sum((0, 2)).flatten().to(D.dtype)
         if ctx.delta_softplus:
-            pre = delta.to(ct)
-            if delta_bias is not None:
-                pre = pre + delta_bias.to(ct)[None, :, None]
             # softplus' threshold (x > 20 passes x through) has slope 1,
             # which sigmoid(x) already rounds to in fp32.
-            d_delta = d_delta * torch.sigmoid(pre)
-        d_bias = (d_delta.sum((0, 2)).to(delta_bias.dtype)
+            d_dt.mul_(torch.sigmoid(pre))
+        d_bias = (d_dt.sum((0, 2)).flatten().to(delta_bias.dtype)
                   if delta_bias is not None else None)
-        return (du.to(u.dtype), d_delta.to(delta.dtype), dA.to(A.dtype),
-                dB.to(B.dtype), dC.to(C.dtype), dD, d_bias, None)
+        return (du.to(u.dtype), d_dt.to(delta.dtype),
+                dA.reshape(A.shape).to(A.dtype), dB.to(B.dtype),
+                dC.to(C.dtype), dD, d_bias, None)
+
+
+def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                          C: Tensor, D: Optional[Tensor] = None,
+                          delta_bias: Optional[Tensor] = None,
+                          delta_softplus: bool = False) -> Tensor:
+    """The selective scan with tokens before channels (the CPU fast path):
+    the channel-first tensors of :func:`selective_scan` with their last two
+    axes swapped, so each time step of a group is one contiguous row.
+
+    Args:
+        u (Tensor): ``[B, G, L, Dg]``; channel ``(g, d)`` is channel
+            ``g * Dg + d`` of the channel-first layout.
+        delta (Tensor): ``[B, G, L, Dg]``, before bias / softplus.
+        A (Tensor): ``[G * Dg, N]``.
+        B (Tensor): ``[B, G, L, N]``.
+        C (Tensor): ``[B, G, L, N]``.
+        D (Tensor, optional): ``[G * Dg]``. Defaults to None.
+        delta_bias (Tensor, optional): ``[G * Dg]``. Defaults to None.
+        delta_softplus (bool): Softplus on the step. Defaults to False.
+
+    Returns:
+        Tensor: ``[B, G, L, Dg]`` fp32 (fp64 for fp64 inputs).
+    """
+    batch, groups, length, per_group = u.shape
+    n_state = A.shape[-1]
+    if delta.shape != u.shape:
+        raise ValueError(f'selective_scan_tokens: delta {tuple(delta.shape)} '
+                         f'must match u {tuple(u.shape)}')
+    if A.shape != (groups * per_group, n_state):
+        raise ValueError(f'selective_scan_tokens: A must be '
+                         f'[{groups * per_group}, N], got {tuple(A.shape)}')
+    for name, t in (('B', B), ('C', C)):
+        if t.shape != (batch, groups, length, n_state):
+            raise ValueError(
+                f'selective_scan_tokens: {name} must be '
+                f'{(batch, groups, length, n_state)}, got {tuple(t.shape)}')
+    return SelectiveScanTokensFunction.apply(
+        u.contiguous(), delta.contiguous(), A, B.contiguous(),
+        C.contiguous(), D, delta_bias, delta_softplus)
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                            C: Tensor, D: Optional[Tensor] = None,
                            delta_bias: Optional[Tensor] = None,
                            delta_softplus: bool = False) -> Tensor:
-    """Chunked selective scan; same arguments and result as
-    :func:`~mila_det.ops.selective_scan.naive.selective_scan_naive`."""
-    return SelectiveScanChunkedFunction.apply(u, delta, A, B, C, D,
-                                              delta_bias, delta_softplus)
+    """Chunked selective scan in the channel-first layout; same arguments and
+    result as :func:`~mila_det.ops.selective_scan.naive.selective_scan_naive`
+    (it transposes to :func:`selective_scan_tokens` and back)."""
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+
+    def tokens(x: Tensor) -> Tensor:  # [B, G*Dg, L] -> [B, G, L, Dg]
+        return x.view(batch, groups, -1, length).transpose(2, 3)
+
+    y = selective_scan_tokens(tokens(u), tokens(delta), A,
+                              B.transpose(2, 3), C.transpose(2, 3), D,
+                              delta_bias, delta_softplus)
+    return y.transpose(2, 3).reshape(batch, channels, length)

@@ -72,8 +72,9 @@ def test_mila_attention_matmuls_are_counted():
         n, c = n // 4, c * 2
     analyzer = flop_analyzer(model.eval(), (torch.randn(1, 3, 64, 64), ))
     by_op = analyzer.by_module_and_operator()
-    for i in range(4):
-        assert by_op[f'layers.{i}']['matmul'] == per_stage[i]
+    for i in range(4):  # the normaliser is an einsum on the CPU path
+        ops = by_op[f'layers.{i}']
+        assert ops['matmul'] + ops.get('einsum', 0) == per_stage[i]
     assert macs['total'] == analyzer.total()
 
 

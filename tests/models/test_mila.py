@@ -9,6 +9,7 @@ import torch
 
 from mila_det.models.backbones import MILA, MLLA
 from mila_det.models.backbones.mila import MILA_IGNORED_KEYS
+from mila_det.models.layers.mila_block import TokenLinear, dwconv_tokens
 from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
@@ -137,3 +138,30 @@ def test_official_key_listing(arch):
     model = MILA(arch.lower())
     ours = {k: shape_string(v) for k, v in model.state_dict().items()}
     assert ours == listing
+
+
+@pytest.mark.parametrize('shape', [(2, 63, 60), (5, 16), (1, 3, 4, 60)],
+                         ids=['tokens', '2d', '4d'])
+def test_token_linear_is_a_linear(shape):
+    """Same parameters, outputs and gradients as nn.Linear, any leading
+    dims, and a non-contiguous input."""
+    torch.manual_seed(0)
+    fc = TokenLinear(shape[-1], 24)
+    ref = torch.nn.Linear(shape[-1], 24)
+    ref.load_state_dict(fc.state_dict())
+    x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2].requires_grad_()
+    got, want = fc(x), ref(x)
+    torch.testing.assert_close(got, want)
+    do = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, fc.weight, fc.bias), do),
+                    torch.autograd.grad(want, (x, ref.weight, ref.bias), do)):
+        torch.testing.assert_close(a, b)
+
+
+def test_dwconv_tokens_reads_and_writes_tokens():
+    conv = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12)
+    x = torch.randn(2, 7 * 9, 12)
+    want = conv(x.transpose(1, 2).reshape(2, 12, 7, 9)).flatten(2)
+    got = dwconv_tokens(conv, x, (7, 9))
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    assert got.is_contiguous()

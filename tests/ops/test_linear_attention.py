@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from mila_det.ops import linear_attention, rope_table
 from mila_det.ops.linear_attention import (apply_rope, build_rope_table,
-                                           linear_attention_naive)
+                                           linear_attention_naive,
+                                           linear_attention_torch)
 from tests.conftest import needs_triton, rel_err
 
 
@@ -69,6 +70,39 @@ def test_reference_gradcheck_float64():
     table = build_rope_table(2, 3, 8).double()
     assert torch.autograd.gradcheck(
         lambda a, b, c: linear_attention_naive(a, b, c, 2, table), (q, k, v))
+
+
+@pytest.mark.parametrize('hw, channels, heads, batch', [
+    ((7, 9), 60, 3, 2),   # odd grid, C = 60, head dim 20
+    ((4, 5), 32, 4, 1),
+], ids=['7x9-C60', '4x5-C32'])
+def test_torch_path_matches_reference(hw, channels, heads, batch):
+    n = hw[0] * hw[1]
+    q, k, v = qkv(batch, n, channels, seed=n)
+    want = linear_attention(q, k, v, heads, hw, backend='naive')
+    got = linear_attention(q, k, v, heads, hw, backend='torch')
+    assert rel_err(got, want) <= 1e-5
+    do = torch.randn_like(want)
+    for name, a, b in zip('qkv', torch.autograd.grad(got, (q, k, v), do),
+                          torch.autograd.grad(want, (q, k, v), do)):
+        assert rel_err(a, b) <= 1e-5, name
+
+
+def test_torch_path_strided_inputs_and_float64():
+    """q and k as halves of one projection (the block's layout), and an odd
+    storage offset that rules out a complex view without a copy."""
+    g = torch.Generator().manual_seed(1)
+    qk = torch.rand(2, 12, 33, generator=g) + 0.5
+    q, k = qk[..., :16], qk[..., 17:]  # offset 17: odd
+    v = torch.randn(2, 12, 16, generator=g)
+    table = build_rope_table(3, 4, 16)
+    torch.testing.assert_close(
+        linear_attention_torch(q, k, v, 2, table),
+        linear_attention_naive(q, k, v, 2, table))
+    q, k, v = qkv(1, 6, 8, dtype=torch.float64)
+    table = build_rope_table(2, 3, 8).double()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: linear_attention_torch(a, b, c, 2, table), (q, k, v))
 
 
 def test_errors_name_the_problem():

@@ -135,14 +135,14 @@ class MILALayer(nn.Module):
         b, c, h, w = x.shape
         hw = (h, w)
         rope = rope_table(h, w, c, x.device)
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view if NHWC
         for block in self.blocks:
             if self.with_cp and tokens.requires_grad:
                 tokens = cp.checkpoint(block, tokens, hw, rope,
                                        use_reentrant=False)
             else:
                 tokens = block(tokens, hw, rope)
-        out = tokens.transpose(1, 2).reshape(b, c, h, w)
+        out = tokens.view(b, h, w, c).permute(0, 3, 1, 2)  # channels-last
         nxt = self.downsample(out) if self.downsample is not None else out
         return out, nxt
 
@@ -237,7 +237,9 @@ class MILA(StageBackbone):
         if x.dim() != 4:
             raise ValueError(f'MILA expects images [B, C, H, W], got shape '
                              f'{tuple(x.shape)}')
-        x = self.patch_embed(x)
+        # Channels-last maps are token-major: stages read and write them as
+        # [B, N, C] tokens without copies, and the convs run faster on them.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         outs = []
         for i, layer in enumerate(self.layers):
             out, x = layer(x)

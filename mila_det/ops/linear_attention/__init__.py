@@ -1,8 +1,9 @@
 """MILA's linear attention: the public function models call.
 
 The backend is chosen in :mod:`mila_det.ops._dispatch`: Triton kernels
-(:mod:`.triton`) on CUDA, else the PyTorch computation of :mod:`.naive`;
-both keep the d x d state, the token sums and the normaliser in fp32.
+(:mod:`.triton`) on CUDA, else the PyTorch path of :mod:`.cpu` (``naive``
+runs the step-by-step reference of :mod:`.naive`); all keep the d x d state,
+the token sums and the normaliser in fp32.
 """
 import functools
 from typing import Optional, Tuple, Union
@@ -11,11 +12,12 @@ import torch
 from torch import Tensor
 
 from .._dispatch import resolve_backend
+from .cpu import linear_attention_torch
 from .naive import apply_rope, build_rope_table, linear_attention_naive
 
 __all__ = [
     'linear_attention', 'rope_table', 'apply_rope', 'build_rope_table',
-    'linear_attention_naive'
+    'linear_attention_naive', 'linear_attention_torch'
 ]
 
 
@@ -61,8 +63,9 @@ def linear_attention(q: Tensor,
         rope (Tensor | tuple[int, int]): RoPE table ``[N, C/2, 2]`` from
             :func:`rope_table`, or the grid ``(H, W)`` with ``H * W == N``.
         eps (float): Added to the normaliser. Defaults to 1e-6.
-        backend (str, optional): ``'auto'``, ``'torch'`` or ``'triton'``.
-            Defaults to None (the environment's choice, else ``'auto'``).
+        backend (str, optional): ``'auto'``, ``'torch'``, ``'triton'`` or
+            ``'naive'``. Defaults to None (the environment's choice, else
+            ``'auto'``).
 
     Returns:
         Tensor: ``[B, N, C]``, the dtype of ``q``.
@@ -84,11 +87,14 @@ def linear_attention(q: Tensor,
         raise ValueError(f'linear_attention: RoPE table of shape '
                          f'{tuple(rope.shape)} does not fit N={n}, C={c}; '
                          f'expected {(n, c // 2, 2)}')
-    if resolve_backend('linear_attention', q, backend) == 'triton':
+    backend = resolve_backend('linear_attention', q, backend)
+    if backend == 'triton':
         from .triton import LinearAttentionFunction
         if (c // num_heads) % 2:
             raise ValueError('linear_attention: the Triton kernel rotates '
                              'channel pairs within a head, so the head dim '
                              f'must be even (got {c // num_heads})')
         return LinearAttentionFunction.apply(q, k, v, num_heads, rope, eps)
-    return linear_attention_naive(q, k, v, num_heads, rope, eps)
+    if backend == 'naive':
+        return linear_attention_naive(q, k, v, num_heads, rope, eps)
+    return linear_attention_torch(q, k, v, num_heads, rope, eps)

@@ -165,3 +165,14 @@ def test_dwconv_tokens_reads_and_writes_tokens():
     got = dwconv_tokens(conv, x, (7, 9))
     torch.testing.assert_close(got, want.transpose(1, 2))
     assert got.is_contiguous()
+    x.requires_grad_()
+    got = dwconv_tokens(conv, x, (7, 9), residual=True)
+    want = x + dwconv_tokens(conv, x, (7, 9))
+    torch.testing.assert_close(got, want)
+    do = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, conv.weight), do),
+                    torch.autograd.grad(want, (x, conv.weight), do)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match='residual form'):
+        dwconv_tokens(torch.nn.Conv2d(12, 12, 3, padding=1), x, (7, 9),
+                      residual=True)

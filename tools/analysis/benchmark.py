@@ -3,7 +3,8 @@
     python tools/analysis/benchmark.py --backbone vmamba_t --compare-naive
     python tools/analysis/benchmark.py --backbone mila_t --shape 800 1280
     python tools/analysis/benchmark.py configs/mask_rcnn_mila_t_1x.py \\
-        --mode train --shape 800 1216
+        --mode train --shape 800 1216 \\
+        [--cfg-options model.backbone.with_cp=True]
     python tools/analysis/benchmark.py --sweep --repeat 1
 
 Efficiency is ``2 * multiply-adds / time / R``, where R is this machine's
@@ -19,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -136,6 +137,8 @@ def build_model(args, device):
         return build_backbone(args.backbone, device), False
     from mmengine.config import Config
     cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     cfg.model.backbone.init_cfg = None
     return _models_registry().build(cfg.model).to(device), True
 
@@ -183,21 +186,41 @@ def count_macs(model, is_detector: bool, shape) -> float:
     return backbone_macs(target, shape)['total']
 
 
+def _sweep_model(name: str, mode: str, batch: int, threads: int,
+                 device: str, warmup: int, repeat: int,
+                 sides: List[int]) -> list:
+    """Time one backbone at every sweep size, smallest first. It runs in a
+    fresh process: the kept heap never shrinks, so the process' peak RSS
+    is this model's (at this size, as sizes only grow) and no other's."""
+    from mila_det.utils.malloc import keep_freed_memory
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = build_backbone(name, device)
+    rows = []
+    for side in sorted(sides):
+        step = make_step(model, False, mode, (side, side), batch, device)
+        r = time_it(step, device, warmup, repeat)
+        rows.append((name, side, r['median'], r['peak_mib']))
+        print(f'  {name:9s} {side:5d}^2  {r["median"] * 1e3:9.1f} ms  '
+              f'peak {r["peak_mib"]:7.0f} MiB', flush=True)
+    return rows
+
+
 def sweep(args, device) -> None:
     """Time and peak memory of the reference backbones from 224^2 to 2048^2;
     a CSV, a log-log PNG, and each model's growth from 1024^2 to 2048^2."""
     import csv
+    import multiprocessing
     rows = []
+    ctx = multiprocessing.get_context('spawn')
     for name in SWEEP_MODELS:
-        model = build_backbone(name, device)
-        for side in SWEEP_SIDES:
-            step = make_step(model, False, args.mode, (side, side),
-                             args.batch, device)
-            r = time_it(step, device, warmup=1, repeat=args.repeat)
-            rows.append((name, side, r['median'], r['peak_mib']))
-            print(f'  {name:9s} {side:5d}^2  {r["median"] * 1e3:9.1f} ms  '
-                  f'peak {r["peak_mib"]:7.0f} MiB', flush=True)
-        del model
+        with ctx.Pool(1) as pool:
+            rows += pool.apply(_sweep_model,
+                               (name, args.mode, args.batch,
+                                torch.get_num_threads(), str(device),
+                                args.warmup, args.repeat, args.sweep_sides))
     out = args.sweep_out
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.csv', 'w', newline='') as f:
@@ -222,13 +245,16 @@ def sweep(args, device) -> None:
     fig.tight_layout()
     fig.savefig(out + '.png', dpi=100)
     print(f'  wrote {out}.csv and {out}.png')
+    sides = sorted(args.sweep_sides)
+    lo, hi = (1024, 2048) if {1024, 2048} <= set(sides) else sides[-2:]
     for name in SWEEP_MODELS:
         t = {r[1]: r[2] for r in rows if r[0] == name}
-        print(f'  {name}: 1024^2 -> 2048^2 time grows '
-              f'{t[2048] / t[1024]:.2f}x (4x the pixels)')
+        print(f'  {name}: {lo}^2 -> {hi}^2 time grows {t[hi] / t[lo]:.2f}x '
+              f'({(hi / lo)**2:.0f}x the pixels)')
 
 
 def main() -> None:
+    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', nargs='?', help='a detector config')
     parser.add_argument('--backbone', help=f'one of {sorted(BACKBONES)}')
@@ -244,9 +270,14 @@ def main() -> None:
     parser.add_argument('--compare-naive', action='store_true',
                         help='also time the plain reference operators '
                         '(MILA_DET_BACKEND=naive) in the same run')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, e.g. '
+                        'model.backbone.with_cp=True')
     parser.add_argument('--sweep', action='store_true',
                         help=f'time {SWEEP_MODELS} at {SWEEP_SIDES} (square)')
     parser.add_argument('--sweep-out', default='work_dirs/benchmark/sweep')
+    parser.add_argument('--sweep-sides', nargs='+', type=int,
+                        default=SWEEP_SIDES, help='square sizes to sweep')
     args = parser.parse_args()
     from mila_det.utils.malloc import keep_freed_memory
     malloc = ('glibc heap kept (MILA_DET_MALLOC=default to compare)'
@@ -255,6 +286,8 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.sweep:
+        if len(set(args.sweep_sides)) < 2:
+            sys.exit('error: --sweep-sides needs at least two sizes')
         print(f'sweep: {args.mode}, batch {args.batch}, {device}, '
               f'{torch.get_num_threads()} threads, {malloc}; fp32 2048^2 '
               f'product: {format_rates(matmul_rates(device))} GFLOP/s')

@@ -16,15 +16,30 @@ from torch import Tensor
 from mila_det.ops import linear_attention
 
 
-def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int]) -> Tensor:
-    """Apply a depthwise conv to tokens ``x: [B, N, C]`` on their ``H x W`` map.
+def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
+                  residual: bool = False) -> Tensor:
+    """Apply a depthwise conv to tokens ``x: [B, N, C]`` on their ``H x W`` map
+    (plus ``x`` itself if ``residual``).
 
     The tokens are handed to the conv as a channels-last view and its
-    (channels-last) output is read back as tokens, so no copy is made.
+    (channels-last) output is read back as tokens, so no copy is made. The
+    residual joins the kernel's centre tap (``x + conv(x)`` is the conv with
+    weight ``w + identity``), which saves a pass over the tokens.
     """
     b, n, c = x.shape
     x = x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
-    return conv(x).permute(0, 2, 3, 1).reshape(b, n, c)
+    weight = conv.weight
+    if residual:
+        kh, kw = weight.shape[-2:]
+        if conv.groups != c or conv.stride != (1, 1) or conv.padding != (
+                kh // 2, kw // 2) or weight.shape[1] != 1 or not kh % 2:
+            raise ValueError('dwconv_tokens: the residual form needs a '
+                             'same-size depthwise conv with an odd kernel')
+        weight = weight.clone()
+        weight[:, 0, kh // 2, kw // 2] += 1.0
+    y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding,
+                 conv.dilation, conv.groups)
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class TokenLinear(nn.Linear):
@@ -136,12 +151,12 @@ class MILABlock(nn.Module):
                 rope: Optional[Tensor] = None) -> Tensor:
         """Args: ``x: [B, N, C]``, ``hw = (H, W)`` with ``H * W == N``,
         ``rope: [N, C/2, 2]``. Returns ``[B, N, C]``."""
-        x = x + dwconv_tokens(self.cpe1, x, hw)
+        x = dwconv_tokens(self.cpe1, x, hw, residual=True)
         shortcut = x
         x = self.norm1(x)
         gate = self.act(self.act_proj(x))
         x = self.act(dwconv_tokens(self.dwc, self.in_proj(x), hw))
         x = self.attn(x, hw, rope)
         x = shortcut + self.drop_path(self.out_proj(x * gate))
-        x = x + dwconv_tokens(self.cpe2, x, hw)
+        x = dwconv_tokens(self.cpe2, x, hw, residual=True)
         return x + self.drop_path(self.mlp(self.norm2(x)))

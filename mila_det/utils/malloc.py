@@ -40,5 +40,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)
-                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # A trim threshold of -1 turns trimming off altogether (mallopt(3)); any
+    # finite one (at most 2 GiB) is crossed when a 2048^2 forward frees its
+    # activations, and the next pass faults them all in again.
+    return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1))

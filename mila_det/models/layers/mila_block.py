@@ -47,7 +47,7 @@ class TokenLinear(nn.Linear):
     that runs as a 1x1 convolution on CPU.
 
     PyTorch's CPU linear calls MKL's sgemm, which runs the narrow token
-    projections of these backbones (C = 64 ... 512) at 45-80% of the speed
+    projections of these backbones (C = 64 ... 512) at 50-90% of the speed
     of oneDNN's 1x1 convolution on the same numbers (measured on an AMD EPYC,
     2 threads); the tokens are handed to the conv as a channels-last view,
     so nothing is copied. Traced (as the FLOP counter does), it is the

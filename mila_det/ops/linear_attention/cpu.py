@@ -3,8 +3,9 @@
 The same computation as :mod:`.naive`, arranged for throughput: the RoPE
 rotation is one complex multiply per tensor instead of unbind / four
 products / stack, heads are strided views of ``[B, N, C]`` (no head-major
-copies), and the normaliser and output scaling work in place where autograd
-allows. Non-fp32 inputs are computed in fp32, as in the reference.
+copies), the normaliser is formed in place, and scaling the head-major
+product writes the token-major result. Non-fp32 inputs are computed in fp32,
+as in the reference.
 """
 import torch
 from torch import Tensor

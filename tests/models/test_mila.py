@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mila_det.models.backbones import MILA, MLLA
-from mila_det.models.backbones.mila import MILA_IGNORED_KEYS
+from mila_det.models.backbones.mila import MILA_IGNORED_KEYS, ConvLayer
 from mila_det.models.layers.mila_block import TokenLinear, dwconv_tokens
 from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
@@ -176,3 +176,24 @@ def test_dwconv_tokens_reads_and_writes_tokens():
     with pytest.raises(ValueError, match='residual form'):
         dwconv_tokens(torch.nn.Conv2d(12, 12, 3, padding=1), x, (7, 9),
                       residual=True)
+
+
+def test_conv_layer_folds_batchnorm_in_eval():
+    torch.manual_seed(0)
+    layer = ConvLayer(6, 10, 3, 2, 1, bias=True)
+    layer.norm.running_mean.uniform_(-1, 1)
+    layer.norm.running_var.uniform_(0.5, 2)
+    torch.nn.init.uniform_(layer.norm.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(layer.norm.bias, -1, 1)
+    layer.eval()
+    x = torch.randn(2, 6, 7, 9)
+    want = torch.relu(layer.norm(layer.conv(x)))
+    got = layer(x)
+    torch.testing.assert_close(got, want)
+    # gradients still reach the conv and norm parameters
+    got.sum().backward()
+    assert layer.conv.weight.grad is not None
+    assert layer.norm.weight.grad is not None
+    layer.train()
+    out = layer(x)  # batch statistics, running stats updated
+    assert not torch.allclose(out, want)

@@ -20,6 +20,15 @@ def qkv(batch, n, c, dtype=torch.float32, seed=0):
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
 
 
+def assert_close_with_grads(got, want, inputs, tol):
+    """Outputs, and the gradients of every input, within ``tol`` (rel)."""
+    assert rel_err(got, want) <= tol
+    do = torch.randn_like(want)
+    for name, a, b in zip('qkv', torch.autograd.grad(got, inputs, do),
+                          torch.autograd.grad(want, inputs, do)):
+        assert rel_err(a, b) <= tol, name
+
+
 def test_rope_table_angles():
     h, w, c = 3, 5, 8
     table = build_rope_table(h, w, c)
@@ -81,11 +90,7 @@ def test_torch_path_matches_reference(hw, channels, heads, batch):
     q, k, v = qkv(batch, n, channels, seed=n)
     want = linear_attention(q, k, v, heads, hw, backend='naive')
     got = linear_attention(q, k, v, heads, hw, backend='torch')
-    assert rel_err(got, want) <= 1e-5
-    do = torch.randn_like(want)
-    for name, a, b in zip('qkv', torch.autograd.grad(got, (q, k, v), do),
-                          torch.autograd.grad(want, (q, k, v), do)):
-        assert rel_err(a, b) <= 1e-5, name
+    assert_close_with_grads(got, want, (q, k, v), 1e-5)
 
 
 def test_torch_path_strided_inputs_and_float64():
@@ -140,11 +145,7 @@ def test_triton_matches_reference(hw, channels, heads):
     q, k, v = qkv(2, n, channels, seed=n)
     want = linear_attention_naive(q, k, v, heads, hw)
     got = linear_attention(q, k, v, heads, hw, backend='triton')
-    assert rel_err(got, want) <= 1e-4
-    do = torch.randn_like(want)
-    for name, a, b in zip('qkv', torch.autograd.grad(got, (q, k, v), do),
-                          torch.autograd.grad(want, (q, k, v), do)):
-        assert rel_err(a, b) <= 1e-4, name
+    assert_close_with_grads(got, want, (q, k, v), 1e-4)
 
 
 @needs_triton()

@@ -126,8 +126,8 @@ class SS2D(nn.Module):
         """Cross scan, scan and merge on ``[B, 4, Di, L]`` sequences.
         ``u: [B, Di, H, W]`` -> ``[B, H, W, Di]`` fp32."""
         b, _, h, w = u.shape
-        length, n, rank, inner = h * w, self.d_state, self.dt_rank, \
-            self.d_inner
+        length = h * w
+        n, rank, inner = self.d_state, self.dt_rank, self.d_inner
         xs = cross_scan(u)  # [B, 4, Di, L]
         x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
         dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=2)

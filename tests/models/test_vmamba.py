@@ -108,7 +108,7 @@ def test_ss2d_token_major_path_matches_channel_first(batch, d_state,
         memory_format=torch.channels_last).requires_grad_()
     outs, grads = [], []
     for path in (block._scan_tokens, block._scan_channel_first):
-        u = block.act(block.conv2d(block.in_proj(x)))
+        u = block.scan_input(x)
         y = path(u)
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
         params = [x] + list(block.parameters())

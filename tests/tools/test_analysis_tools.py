@@ -3,6 +3,10 @@ import os.path as osp
 import re
 import subprocess
 import sys
+import time
+
+import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -47,3 +51,30 @@ def test_benchmark_prints_latency_and_efficiency(tmp_path):
     assert re.search(r'\[auto \] median +[0-9.]+ ms .* efficiency '
                      r'[0-9.]+% of mm, [0-9.]+% of onednn', out)
     assert '[naive]' in out and 'speed-up over the naive reference' in out
+
+
+def _load_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'mila_det_benchmark', osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('kernel_mark', [True, False])
+def test_peak_memory_sees_a_transient_allocation(monkeypatch, kernel_mark):
+    """The peak covers a 256 MiB buffer freed before the block ends, both by
+    the kernel's high-water mark and by the sampling fallback."""
+    PeakMemory = _load_benchmark().PeakMemory
+    if not kernel_mark:
+        monkeypatch.setattr(PeakMemory, '_reset_high_water_mark',
+                            staticmethod(lambda: False))
+    elif not PeakMemory._reset_high_water_mark():
+        pytest.skip('/proc/self/clear_refs is not writable here')
+    with PeakMemory(torch.device('cpu')) as mem:
+        before = PeakMemory._rss()
+        buf = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+        time.sleep(0.05)  # the sampler's period is 5 ms
+        del buf
+    assert mem.peak >= before + 250

@@ -41,20 +41,46 @@ SWEEP_MODELS = ['mila_t', 'vmamba_t', 'swin_t']
 
 
 class PeakMemory:
-    """Peak resident memory (CPU: sampled /proc RSS) or allocator peak (CUDA)
-    while the block runs, in MiB."""
+    """Peak resident memory (CPU) or allocator peak (CUDA) while the block
+    runs, in MiB.
+
+    On Linux the kernel's own high-water mark is reset on entry and read on
+    exit (``/proc/self/clear_refs``, ``VmHWM``): exact, and nothing runs
+    beside the timed code. Where that is not allowed, a thread samples the
+    RSS every 5 ms instead (it costs the timed code ~2% on two cores).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak = device, 0.0
+        self._thread = None
 
     @staticmethod
     def _rss() -> float:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
+    @staticmethod
+    def _reset_high_water_mark() -> bool:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _high_water_mark() -> float:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError('no VmHWM in /proc/self/status')
+
     def __enter__(self) -> 'PeakMemory':
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if self._reset_high_water_mark():
             return self
         self._stop = threading.Event()
         self.peak = self._rss()
@@ -70,6 +96,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == 'cuda':
             self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is None:
+            self.peak = self._high_water_mark()
         else:
             self._stop.set()
             self._thread.join()

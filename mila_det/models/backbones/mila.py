@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mila_det.ops import rope_table
 from ..layers import MILABlock
+from ..layers.fused import conv2d_act
 from .base import StageBackbone, init_linear_and_norms
 
 # Tensors of official checkpoints that a detection backbone does not use:
@@ -34,7 +35,8 @@ class ConvLayer(nn.Module):
 
     In eval mode the norm is an affine map and is folded into the conv's
     weight and bias on the fly (one pass over the map fewer; the FLOP
-    counter, tracing the model, still sees the BatchNorm).
+    counter, tracing the model, still sees the BatchNorm), and the ReLU
+    runs inside the conv where :func:`~..layers.fused.conv2d_act` can.
     """
 
     def __init__(self,
@@ -54,23 +56,22 @@ class ConvLayer(nn.Module):
         self.act = nn.ReLU(inplace=True) if act else None
 
     def forward(self, x: Tensor) -> Tensor:
-        norm = self.norm
+        norm, conv = self.norm, self.conv
+        act = 'relu' if self.act is not None else None
         if (norm is not None and not norm.training
                 and norm.running_var is not None
                 and not torch.jit.is_tracing()):
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
             bias = norm.bias - norm.running_mean * scale
-            if self.conv.bias is not None:
-                bias = bias + self.conv.bias * scale
-            x = self.conv._conv_forward(
-                x, self.conv.weight * scale.view(-1, 1, 1, 1), bias)
-        else:
-            x = self.conv(x)
-            if norm is not None:
-                x = norm(x)
-        if self.act is not None:
-            x = self.act(x)
-        return x
+            if conv.bias is not None:
+                bias = bias + conv.bias * scale
+            return conv2d_act(x, conv.weight * scale.view(-1, 1, 1, 1), bias,
+                              act, conv.stride, conv.padding, conv.groups)
+        if norm is None:
+            return conv2d_act(x, conv.weight, conv.bias, act, conv.stride,
+                              conv.padding, conv.groups)
+        x = norm(conv(x))
+        return x if self.act is None else self.act(x)
 
 
 class Stem(nn.Module):

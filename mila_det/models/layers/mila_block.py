@@ -14,12 +14,14 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor
 
 from mila_det.ops import linear_attention
+from .fused import ACTIVATIONS, conv2d_act, conv2d_add
 
 
 def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
-                  residual: bool = False) -> Tensor:
+                  residual: bool = False, act: Optional[str] = None) -> Tensor:
     """Apply a depthwise conv to tokens ``x: [B, N, C]`` on their ``H x W`` map
-    (plus ``x`` itself if ``residual``).
+    (plus ``x`` itself if ``residual``), then ``act`` (see
+    :func:`~.fused.conv2d_act`) if given.
 
     The tokens are handed to the conv as a channels-last view and its
     (channels-last) output is read back as tokens, so no copy is made. The
@@ -37,8 +39,10 @@ def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
                              'same-size depthwise conv with an odd kernel')
         weight = weight.clone()
         weight[:, 0, kh // 2, kw // 2] += 1.0
-    y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding,
-                 conv.dilation, conv.groups)
+    if conv.dilation != (1, 1):
+        raise ValueError('dwconv_tokens: dilated convs are not supported')
+    y = conv2d_act(x, weight, conv.bias, act, conv.stride, conv.padding,
+                   conv.groups)
     return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
@@ -51,30 +55,48 @@ class TokenLinear(nn.Linear):
     of oneDNN's 1x1 convolution on the same numbers (measured on an AMD EPYC,
     2 threads); the tokens are handed to the conv as a channels-last view,
     so nothing is copied. Traced (as the FLOP counter does), it is the
-    linear it stands for.
+    linear it stands for. ``forward(x, act)`` applies an activation too
+    (fused into the conv where :func:`~.fused.conv2d_act` can).
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, act: Optional[str] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+        """``act(linear(x))``, or ``residual + linear(x)`` (``act`` unset);
+        ``residual`` (``[..., out_features]``) may be overwritten."""
+        if act is not None and residual is not None:
+            raise ValueError('TokenLinear: give act or residual, not both')
         if (x.device.type != 'cpu' or x.dtype == torch.float64
                 or torch.jit.is_tracing()):
-            return super().forward(x)
+            y = super().forward(x)
+            if residual is not None:
+                return residual + y
+            return y if act is None else ACTIVATIONS[act][0](y)
         lead, c = x.shape[:-1], x.shape[-1]
-        x = x.reshape(1, -1, 1, c).permute(0, 3, 1, 2)  # [1, C, T, 1] NHWC
-        y = F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+        def as_map(t: Tensor) -> Tensor:  # [..., C] -> [1, C, T, 1] NHWC
+            return t.reshape(1, -1, 1, t.shape[-1]).permute(0, 3, 1, 2)
+
+        weight = self.weight[:, :, None, None]
+        if residual is None:
+            y = conv2d_act(as_map(x), weight, self.bias, act)
+        else:
+            y = conv2d_add(as_map(residual), as_map(x), weight, self.bias)
         return y.permute(0, 2, 3, 1).reshape(*lead, self.out_features)
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP (``fc1``: C -> hidden, ``fc2``: hidden -> C)."""
+    """Two-layer MLP with exact GELU (``fc1``: C -> hidden, ``fc2``: hidden
+    -> C)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = TokenLinear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = TokenLinear(hidden_dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``x: [..., C]`` -> ``[..., C]``, plus ``residual`` if given (which
+        may be overwritten)."""
+        return self.fc2(self.fc1(x, act='gelu'), residual=residual)
 
 
 class LinearAttention(nn.Module):
@@ -103,7 +125,11 @@ class LinearAttention(nn.Module):
                 rope: Optional[Tensor] = None) -> Tensor:
         """Args: ``x: [B, N, C]``; ``hw`` the grid; ``rope: [N, C/2, 2]``
         (built from ``hw`` when omitted). Returns ``[B, N, C]``."""
-        q, k = (F.elu(self.qk(x)) + 1.0).chunk(2, dim=-1)
+        qk = F.elu(self.qk(x), inplace=True)  # the projection is ours
+        # ELU's backward reads its output, so "+ 1" is in place only when no
+        # gradient flows.
+        qk = qk + 1.0 if qk.requires_grad else qk.add_(1.0)
+        q, k = qk.chunk(2, dim=-1)
         out = linear_attention(q, k, x, self.num_heads,
                                hw if rope is None else rope)
         return out + dwconv_tokens(self.lepe, x, hw)
@@ -139,7 +165,6 @@ class MILABlock(nn.Module):
         self.in_proj = TokenLinear(dim, dim)
         self.act_proj = TokenLinear(dim, dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.act = nn.SiLU()
         self.attn = LinearAttention(dim, num_heads, qkv_bias)
         self.out_proj = TokenLinear(dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -154,9 +179,14 @@ class MILABlock(nn.Module):
         x = dwconv_tokens(self.cpe1, x, hw, residual=True)
         shortcut = x
         x = self.norm1(x)
-        gate = self.act(self.act_proj(x))
-        x = self.act(dwconv_tokens(self.dwc, self.in_proj(x), hw))
+        gate = self.act_proj(x, act='silu')
+        x = dwconv_tokens(self.dwc, self.in_proj(x), hw, act='silu')
         x = self.attn(x, hw, rope)
-        x = shortcut + self.drop_path(self.out_proj(x * gate))
+        if self.training:  # stochastic depth on the branches
+            x = shortcut + self.drop_path(self.out_proj(x * gate))
+            x = dwconv_tokens(self.cpe2, x, hw, residual=True)
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Both shortcuts are fresh conv outputs: the sums may reuse them.
+        x = self.out_proj(x * gate, residual=shortcut)
         x = dwconv_tokens(self.cpe2, x, hw, residual=True)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), residual=x)

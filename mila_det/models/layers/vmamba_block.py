@@ -6,7 +6,7 @@ VMamba: "VMamba: Visual State Space Model" (Liu et al., NeurIPS 2024),
 names follow the official checkpoints.
 """
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from torch import Tensor
 from mila_det.ops import (cross_merge, cross_scan, resolve_backend,
                           selective_scan)
 from mila_det.ops.selective_scan import selective_scan_tokens
+from .fused import conv2d_act, conv2d_add
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -33,10 +34,19 @@ class Linear2d(nn.Linear):
     """A 1x1 convolution whose weight is stored as a Linear's ``[out, in]``.
 
     Checkpoints that store it as ``[out, in, 1, 1]`` load too.
+    ``forward(x, act)`` applies an activation and ``forward(x,
+    residual=r)`` adds ``r`` (which may be overwritten), fused into the conv
+    where :mod:`.fused` can.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+    def forward(self, x: Tensor, act: Optional[str] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+        weight = self.weight[:, :, None, None]
+        if residual is None:
+            return conv2d_act(x, weight, self.bias, act)
+        if act is not None:
+            raise ValueError('Linear2d: give act or residual, not both')
+        return conv2d_add(residual, x, weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + 'weight'
@@ -77,7 +87,6 @@ class SS2D(nn.Module):
         self.Ds._no_weight_decay = True
         self.out_norm = LayerNorm2d(inner)
         self.in_proj = Linear2d(dim, inner, bias=False)
-        self.act = nn.SiLU()
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2,
                                 groups=inner, bias=False)
         self.out_proj = Linear2d(inner, dim, bias=False)
@@ -109,7 +118,7 @@ class SS2D(nn.Module):
         on the channel-first sequences of the authors' layout
         (:meth:`_scan_channel_first`). Both compute the same function.
         """
-        u = self.act(self.conv2d(self.in_proj(x)))
+        u = self.scan_input(x)
         if resolve_backend('selective_scan', u) == 'torch':
             y = self._scan_tokens(u)
         else:
@@ -117,6 +126,13 @@ class SS2D(nn.Module):
         y = F.layer_norm(y, (self.d_inner, ), self.out_norm.weight,
                          self.out_norm.bias, self.out_norm.eps)
         return self.out_proj(y.to(x.dtype).permute(0, 3, 1, 2))
+
+    def scan_input(self, x: Tensor) -> Tensor:
+        """``SiLU(conv2d(in_proj(x)))``: ``[B, C, H, W]`` -> ``[B, Di, H,
+        W]``, the sequence the four routes scan."""
+        conv = self.conv2d
+        return conv2d_act(self.in_proj(x), conv.weight, conv.bias, 'silu',
+                          conv.stride, conv.padding, conv.groups)
 
     def _ssm_args(self):
         A = -torch.exp(self.A_logs.float())
@@ -172,6 +188,20 @@ class SS2D(nn.Module):
             b, w, h, inner).transpose(1, 2)
 
 
+class Mlp2d(nn.Module):
+    """Two 1x1 convs with exact GELU between, on ``[B, C, H, W]`` maps."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = Linear2d(dim, hidden_dim)
+        self.fc2 = Linear2d(hidden_dim, dim)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``x: [B, C, H, W]`` -> the same shape, plus ``residual`` if given
+        (which may be overwritten)."""
+        return self.fc2(self.fc1(x, act='gelu'), residual=residual)
+
+
 class VSSBlock(nn.Module):
     """Pre-norm VSS block: ``x + SS2D(norm(x))``, then ``x + MLP(norm2(x))``,
     both with stochastic depth. ``[B, C, H, W]`` in and out."""
@@ -184,12 +214,11 @@ class VSSBlock(nn.Module):
         self.op = SS2D(dim, d_state, ssm_ratio, dt_rank)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm2d(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module('fc1', Linear2d(dim, hidden))
-        self.mlp.add_module('act', nn.GELU())
-        self.mlp.add_module('fc2', Linear2d(hidden, dim))
+        self.mlp = Mlp2d(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.op(self.norm(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.training:  # stochastic depth on the branch
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # x is the fresh sum above: the MLP's residual add may reuse it.
+        return self.mlp(self.norm2(x), residual=x)

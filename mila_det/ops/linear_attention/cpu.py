@@ -64,5 +64,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, rope: Tensor,
     z = torch.einsum('bnhd,bhd->bnh', q.reshape(b, n, h, d), k_mean)
     z = z.add_(eps).reciprocal_()
     out = torch.matmul(q_r.transpose(1, 2), kv)  # [B, h, N, d]
-    # Scaling the head-major product writes the token-major result.
-    return (out.transpose(1, 2) * z.unsqueeze(-1)).reshape(b, n, c)
+    # Scaling the head-major product writes the token-major result (the
+    # token-major operand first: an element-wise result takes the memory
+    # order of its first operand, and the reshape is then a view).
+    return (z.unsqueeze(-1) * out.transpose(1, 2)).reshape(b, n, c)

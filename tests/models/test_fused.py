@@ -1,0 +1,105 @@
+"""Fused conv + activation / residual (CPU inference) against eager PyTorch,
+and the blocks that use them: same numbers, inputs left untouched."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mila_det.models.layers import fused
+from mila_det.models.layers.fused import (HAS_FUSED_CONV, can_fuse, conv2d_act,
+                                          conv2d_add)
+from mila_det.models.layers.mila_block import MILABlock
+from mila_det.models.layers.vmamba_block import VSSBlock
+
+needs_fusion = pytest.mark.skipif(not HAS_FUSED_CONV,
+                                  reason='this PyTorch has no oneDNN fusion')
+
+# (C_in, C_out, kernel, stride, padding, groups): a 1x1 projection, a
+# depthwise 3x3, a strided dense 3x3 with odd channel counts
+CONVS = [(12, 20, 1, 1, 0, 1), (12, 12, 3, 1, 1, 12), (3, 10, 3, 2, 1, 1)]
+
+
+def _inputs(c_in, c_out, k, groups, channels_last=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, 7, 9, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g) * 0.3
+    return x, w, torch.randn(c_out, generator=g)
+
+
+@needs_fusion
+@pytest.mark.parametrize('act', ['relu', 'gelu', 'silu', None])
+@pytest.mark.parametrize('conv', CONVS)
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_conv2d_act_matches_eager(conv, act, channels_last):
+    c_in, c_out, k, stride, padding, groups = conv
+    x, w, b = _inputs(c_in, c_out, k, groups, channels_last)
+    want = F.conv2d(x, w, b, stride, padding, 1, groups)
+    want = {'relu': F.relu, 'gelu': F.gelu, 'silu': F.silu,
+            None: lambda t: t}[act](want)
+    with torch.no_grad():
+        assert can_fuse(x, w)
+        got = conv2d_act(x, w, b, act, stride, padding, groups)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_fusion
+@pytest.mark.parametrize('conv', CONVS)
+def test_conv2d_add_writes_the_sum_into_the_residual(conv):
+    c_in, c_out, k, stride, padding, groups = conv
+    x, w, b = _inputs(c_in, c_out, k, groups)
+    conv_out = F.conv2d(x, w, b, stride, padding, 1, groups)
+    residual = torch.randn_like(conv_out)
+    want = residual + conv_out
+    with torch.no_grad():
+        got = conv2d_add(residual, x, w, b, stride, padding, groups)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.data_ptr() == residual.data_ptr()
+
+
+def test_with_gradients_nothing_is_fused_or_overwritten():
+    x, w, b = _inputs(12, 20, 1, 1)
+    w.requires_grad_()
+    assert not can_fuse(x, w)
+    residual = torch.randn(2, 20, 7, 9)
+    kept = residual.clone()
+    y = conv2d_add(residual, x, w, b)
+    torch.testing.assert_close(residual, kept, rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum((0, 2, 3))[None, :, None, None]
+                               .expand_as(w), rtol=1e-5, atol=1e-4)
+    conv2d_act(x, w, b, 'gelu').sum().backward()  # eager, differentiable
+
+
+def test_unknown_activation_is_named():
+    x, w, b = _inputs(12, 20, 1, 1)
+    with pytest.raises(ValueError, match="'elu'"):
+        conv2d_act(x, w, b, 'elu')
+
+
+@pytest.mark.parametrize('make_block, x_shape', [
+    (lambda: MILABlock(16, 2), (2, 63, 16)),
+    (lambda: VSSBlock(16, ssm_ratio=1.0), (2, 16, 7, 9)),
+])
+def test_blocks_fused_equal_eager_and_keep_their_input(make_block, x_shape,
+                                                       monkeypatch):
+    """Inference (fused, sums written in place) against the same block with
+    gradients on (eager, out of place); the caller's tensor is unchanged."""
+    torch.manual_seed(0)
+    block = make_block().eval()
+    x = torch.randn(x_shape)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, (7, 9)) if x.dim() == 3 else (x, )
+    kept = x.clone()
+    with torch.no_grad():
+        fast = block(*args)
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)
+    monkeypatch.setattr(fused, 'HAS_FUSED_CONV', False)
+    with torch.no_grad():
+        unfused = block(*args)
+    slow = block(*args)  # gradients on: every sum out of place
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unfused, slow.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, kept, rtol=0, atol=0)

@@ -110,6 +110,35 @@ def test_torch_path_strided_inputs_and_float64():
         lambda a, b, c: linear_attention_torch(a, b, c, 2, table), (q, k, v))
 
 
+def test_torch_path_copies_no_full_size_tensor():
+    """With q and k as halves of one projection (the block's layout), the
+    fast path reads its inputs and writes its result without any [B, N, C]
+    copy (one once cost a full extra pass per block)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopyLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.clone,
+                                       torch.ops.aten.copy_,
+                                       torch.ops.aten._to_copy):
+                self.sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    n, c = 7 * 9, 32
+    qk = F.elu(torch.randn(1, n, 2 * c)) + 1
+    q, k = qk.chunk(2, dim=-1)
+    v = torch.randn(1, n, c)
+    table = rope_table(7, 9, c)
+    with torch.no_grad(), CopyLog() as log:
+        out = linear_attention_torch(q, k, v, 4, table)
+    assert out.is_contiguous()
+    assert all(size < n * c for size in log.sizes), log.sizes
+
+
 def test_errors_name_the_problem():
     q, k, v = qkv(1, 12, 16)
     with pytest.raises(ValueError, match='does not hold N=12'):

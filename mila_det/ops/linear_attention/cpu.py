@@ -62,9 +62,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, rope: Tensor,
     # z[b, t, h] = 1 / (q[b, t, h] . mean_s k[b, s, h] + eps): [B, N, h]
     k_mean = k.reshape(b, n, h, d).mean(1)
     z = torch.einsum('bnhd,bhd->bnh', q.reshape(b, n, h, d), k_mean)
-    z = z.add_(eps).reciprocal_()
+    z = z.add_(eps).reciprocal_().contiguous()  # token-major (it is small)
     out = torch.matmul(q_r.transpose(1, 2), kv)  # [B, h, N, d]
-    # Scaling the head-major product writes the token-major result (the
-    # token-major operand first: an element-wise result takes the memory
-    # order of its first operand, and the reshape is then a view).
+    # Scaling the head-major product writes the token-major result: with the
+    # token-major operand first, the product is laid out token-major and
+    # the reshape is a view.
     return (z.unsqueeze(-1) * out.transpose(1, 2)).reshape(b, n, c)

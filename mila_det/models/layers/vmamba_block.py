@@ -180,12 +180,15 @@ class SS2D(nn.Module):
                             per_route(self.dt_projs_weight.transpose(1, 2)))
         y = selective_scan_tokens(
             xs, dts.view(b, 4, length, inner), A,
-            Bs.reshape(b, 4, length, n), Cs.reshape(b, 4, length, n), D,
-            delta_softplus=True)  # [B, 4, L, Di]
+            Bs.reshape(b, 4, length, n), Cs.reshape(b, 4, length, n),
+            delta_softplus=True)  # [B, 4, L, Di], without the D term
         y_rows = y[:, 0] + y[:, 2].flip(1)
         y_cols = y[:, 1] + y[:, 3].flip(1)
-        return y_rows.view(b, h, w, inner) + y_cols.view(
+        y = y_rows.view(b, h, w, inner) + y_cols.view(
             b, w, h, inner).transpose(1, 2)
+        # Every route reads the same pixels, so the skip terms D_k * u sum
+        # to (sum_k D_k) * u: one pass over the merged map, not four.
+        return y.addcmul_(grid, D.view(4, inner).sum(0))
 
 
 class Mlp2d(nn.Module):

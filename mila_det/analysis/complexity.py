@@ -7,7 +7,9 @@ a custom operator the tracer cannot see into, is counted analytically:
 
 * ``gu`` (default, as VMamba's authors count it): ``9 * B * L * D * N``
   for the scan plus ``B * D * L`` for the skip term, with D the channels of
-  all four scan directions;
+  all four scan directions. Every VMamba has the skip term, so it is always
+  counted, per route as the authors do, even where SS2D adds the four
+  routes' terms in one pass after merging them (the token-major CPU path);
 * ``vim`` (Vision Mamba's eq. 8 as usually cited):
   ``3 * B * L * D * N + B * L * D * N`` = ``4 * B * L * D * N``.
 """
@@ -51,9 +53,8 @@ def _scan_handle(convention: str, layout: Callable) -> Callable:
     def handle(inputs: List, outputs: List) -> int:
         batch, length, channels = layout(get_shape(inputs[0]))
         d_state = get_shape(inputs[2])[1]
-        with_d = get_shape(inputs[5]) is not None
         return selective_scan_macs(batch, length, channels, d_state,
-                                   convention, with_d)
+                                   convention)
     return handle
 
 

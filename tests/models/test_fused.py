@@ -71,6 +71,25 @@ def test_with_gradients_nothing_is_fused_or_overwritten():
     conv2d_act(x, w, b, 'gelu').sum().backward()  # eager, differentiable
 
 
+@pytest.mark.parametrize('fn', ['act', 'add'])
+def test_a_bias_that_needs_a_gradient_gets_it(fn):
+    """Frozen weight, trainable bias (e.g. an eval-mode BatchNorm folded into
+    a conv whose affine shift still trains): the fused op has no backward, so
+    it must not run, and the bias gets the eager gradient."""
+    x, w, b = _inputs(12, 20, 1, 1)
+    b.requires_grad_()
+    assert not can_fuse(x, w, b)
+    residual = torch.randn(2, 20, 7, 9)
+    if fn == 'act':
+        y = conv2d_act(x, w, b, 'gelu')
+        want = torch.autograd.grad(F.gelu(F.conv2d(x, w, b)).sum(), b)[0]
+    else:
+        y = conv2d_add(residual, x, w, b)
+        want = torch.full_like(b, y[:, 0].numel())
+    y.sum().backward()
+    torch.testing.assert_close(b.grad, want, rtol=1e-5, atol=1e-4)
+
+
 def test_autocast_keeps_the_eager_path():
     """Under CPU autocast the conv runs in bf16 as autocast decides, not as
     an fp32 fused op."""

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, MLLA
 from mila_det.models.backbones.mila import MILA_IGNORED_KEYS, ConvLayer
@@ -156,6 +157,16 @@ def test_token_linear_is_a_linear(shape):
     for a, b in zip(torch.autograd.grad(got, (x, fc.weight, fc.bias), do),
                     torch.autograd.grad(want, (x, ref.weight, ref.bias), do)):
         torch.testing.assert_close(a, b)
+    # inference (the fused oneDNN path on CPU builds that have it), with an
+    # activation, with a residual, and an empty batch
+    with torch.no_grad():
+        x = x.detach()
+        torch.testing.assert_close(fc(x), want.detach())
+        torch.testing.assert_close(fc(x, act='gelu'), F.gelu(want.detach()))
+        residual = torch.randn_like(want)
+        torch.testing.assert_close(fc(x, residual=residual.clone()),
+                                   residual + want.detach())
+        assert fc(x[:0]).shape == (0, *want.shape[1:])
 
 
 def test_dwconv_tokens_reads_and_writes_tokens():
@@ -188,12 +199,21 @@ def test_conv_layer_folds_batchnorm_in_eval():
     layer.eval()
     x = torch.randn(2, 6, 7, 9)
     want = torch.relu(layer.norm(layer.conv(x)))
+    with torch.no_grad():  # the fused path where the build has it
+        torch.testing.assert_close(layer(x), want.detach())
     got = layer(x)
     torch.testing.assert_close(got, want)
-    # gradients still reach the conv and norm parameters
+    # gradients still reach the conv and norm parameters, and the BN shift
+    # alone when everything else is frozen
     got.sum().backward()
     assert layer.conv.weight.grad is not None
     assert layer.norm.weight.grad is not None
+    want_shift_grad = layer.norm.bias.grad.clone()
+    layer.zero_grad()
+    for p in (layer.conv.weight, layer.conv.bias, layer.norm.weight):
+        p.requires_grad_(False)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.norm.bias.grad, want_shift_grad)
     layer.train()
     out = layer(x)  # batch statistics, running stats updated
     assert not torch.allclose(out, want)

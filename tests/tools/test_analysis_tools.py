@@ -1,4 +1,5 @@
 """The analysis command lines run and print what they promise."""
+import mmap
 import os.path as osp
 import re
 import subprocess
@@ -78,3 +79,17 @@ def test_peak_memory_sees_a_transient_allocation(monkeypatch, kernel_mark):
         time.sleep(0.05)  # the sampler's period is 5 ms
         del buf
     assert mem.peak >= before + 250
+
+
+def test_peak_memory_forgets_earlier_peaks():
+    """A 512 MiB peak reached (and unmapped) before the block does not count
+    in it, whichever way the peak is measured."""
+    PeakMemory = _load_benchmark().PeakMemory
+    earlier = mmap.mmap(-1, 512 * 2**20)
+    earlier.write(b'\1' * len(earlier))  # every page touched
+    earlier.close()  # unmapped: returned to the system, whatever malloc does
+    before = PeakMemory._rss()
+    with PeakMemory(torch.device('cpu')) as mem:
+        buf = torch.ones(2**20)  # 4 MiB
+        del buf
+    assert before <= mem.peak < before + 256

@@ -60,13 +60,15 @@ class PeakMemory:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
-    @staticmethod
-    def _reset_high_water_mark() -> bool:
+    @classmethod
+    def _reset_high_water_mark(cls) -> bool:
+        """Reset the kernel's peak to the current RSS; False where that is
+        not allowed or has no effect (kernels before 4.0 ignore it)."""
         try:
             with open('/proc/self/clear_refs', 'w') as f:
                 f.write('5')
-            return True
-        except OSError:
+            return cls._high_water_mark() <= cls._rss() + 16
+        except (OSError, RuntimeError):
             return False
 
     @staticmethod

@@ -4,8 +4,9 @@ inference.
 oneDNN applies an element-wise activation, or adds a residual, to a
 convolution's output while it is still in cache, which saves the separate
 pass over the map that eager PyTorch makes (on this project's backbones:
-the GELU after ``mlp.fc1``, the SiLU gates, the ReLUs of the convolutional
-stems and the residual adds after ``out_proj`` and ``mlp.fc2``). PyTorch
+the GELU after ``mlp.fc1``, the SiLU gates, the ReLUs of MILA's
+convolutional stem, the residual add after ``mlp.fc2`` on both backbones and
+after MILA's ``out_proj``). PyTorch
 exposes that through ``torch.ops.mkldnn._convolution_pointwise``, the op its
 own compiler emits for frozen CPU graphs. It has no backward, so it is used
 only where no gradient is needed (fp32 CPU tensors, gradients off or not
@@ -37,12 +38,14 @@ def _pair(x: Union[int, Tuple[int, int]]) -> list:
     return [x, x] if isinstance(x, int) else list(x)
 
 
-def can_fuse(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`conv2d_act` may run fused on these tensors."""
+def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether :func:`conv2d_act` may run fused on these tensors (the fused
+    ops have no backward, so none of them may need a gradient)."""
+    needs_grad = (x.requires_grad or weight.requires_grad
+                  or (bias is not None and bias.requires_grad))
     return (HAS_FUSED_CONV and x.device.type == 'cpu'
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and
-                     (x.requires_grad or weight.requires_grad))
+            and not (torch.is_grad_enabled() and needs_grad)
             and not torch.is_autocast_enabled('cpu')  # it picks the dtype
             and not torch.jit.is_tracing())
 
@@ -71,7 +74,7 @@ def conv2d_act(x: Tensor,
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f'conv2d_act: act must be one of '
                          f'{sorted(ACTIVATIONS)} or None, got {act!r}')
-    if act is not None and can_fuse(x, weight):
+    if act is not None and can_fuse(x, weight, bias):
         _, attr, algorithm = ACTIVATIONS[act]
         return _POINTWISE(x, weight, bias, _pair(padding), _pair(stride),
                           [1, 1], groups, attr, [], algorithm)
@@ -99,7 +102,7 @@ def conv2d_add(residual: Tensor,
     Returns:
         Tensor: ``[B, C_out, H', W']``.
     """
-    if can_fuse(x, weight) and not residual.requires_grad:
+    if can_fuse(x, weight, bias) and not residual.requires_grad:
         fmt = (torch.channels_last if x.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format)
         if (residual.dtype == torch.float32

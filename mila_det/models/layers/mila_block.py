@@ -66,12 +66,12 @@ class TokenLinear(nn.Linear):
         if act is not None and residual is not None:
             raise ValueError('TokenLinear: give act or residual, not both')
         if (x.device.type != 'cpu' or x.dtype == torch.float64
-                or torch.jit.is_tracing()):
+                or x.numel() == 0 or torch.jit.is_tracing()):
             y = super().forward(x)
             if residual is not None:
                 return residual + y
             return y if act is None else ACTIVATIONS[act][0](y)
-        lead, c = x.shape[:-1], x.shape[-1]
+        lead = x.shape[:-1]
 
         def as_map(t: Tensor) -> Tensor:  # [..., C] -> [1, C, T, 1] NHWC
             return t.reshape(1, -1, 1, t.shape[-1]).permute(0, 3, 1, 2)

@@ -53,6 +53,25 @@ def test_every_parameter_gets_a_gradient(name):
 
 
 @pytest.mark.parametrize('name', BACKBONES)
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-5),
+                                        (torch.bfloat16, 0.05)],
+                         ids=['float64', 'bfloat16'])
+def test_runs_in_other_dtypes(name, dtype, tol):
+    """A model cast with ``.to(dtype)`` returns that dtype and the fp32
+    result to the dtype's precision (bf16 keeps ~3 significant digits)."""
+    torch.manual_seed(0)
+    model = build(name).eval()
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        want = model(x)
+        got = model.to(dtype)(x.to(dtype))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        err = (g.float() - w).abs().max() / w.abs().max()
+        assert err < tol, f'{dtype}: relative error {err:.2g}'
+
+
+@pytest.mark.parametrize('name', BACKBONES)
 def test_out_indices(name):
     norm = BACKBONES[name][2]
     model = build(name, out_indices=(1, 3)).eval()

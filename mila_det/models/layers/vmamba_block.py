@@ -123,8 +123,9 @@ class SS2D(nn.Module):
             y = self._scan_tokens(u)
         else:
             y = self._scan_channel_first(u)
-        y = F.layer_norm(y, (self.d_inner, ), self.out_norm.weight,
-                         self.out_norm.bias, self.out_norm.eps)
+        norm = self.out_norm  # on the scan's fp32 output, whatever x is
+        y = F.layer_norm(y, (self.d_inner, ), norm.weight.to(y.dtype),
+                         norm.bias.to(y.dtype), norm.eps)
         return self.out_proj(y.to(x.dtype).permute(0, 3, 1, 2))
 
     def scan_input(self, x: Tensor) -> Tensor:
@@ -176,7 +177,8 @@ class SS2D(nn.Module):
         dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=-1)
         A, D, bias = self._ssm_args()
         # The step bias is added by the matmul (same sum, one pass fewer).
-        dts = torch.baddbmm(per_route(bias.view(4, 1, inner)), dt_low,
+        dts = torch.baddbmm(per_route(bias.view(4, 1, inner).to(dt_low)),
+                            dt_low,
                             per_route(self.dt_projs_weight.transpose(1, 2)))
         y = selective_scan_tokens(
             xs, dts.view(b, 4, length, inner), A,

@@ -41,6 +41,16 @@ def test_output_shapes_any_size(name, size):
 
 
 @pytest.mark.parametrize('name', BACKBONES)
+def test_empty_batch(name):
+    """A batch of no images (e.g. a filtered-out batch) gives empty maps of
+    the right shapes, not an error."""
+    with torch.no_grad():
+        outs = build(name).eval()(torch.randn(0, 3, 45, 61))
+    assert [tuple(o.shape) for o in outs] == [
+        (0, 16, 12, 16), (0, 32, 6, 8), (0, 64, 3, 4), (0, 128, 2, 2)]
+
+
+@pytest.mark.parametrize('name', BACKBONES)
 def test_every_parameter_gets_a_gradient(name):
     model = build(name, drop_path_rate=0.1).train()
     outs = model(torch.randn(2, 3, 45, 61))

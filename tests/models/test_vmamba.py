@@ -3,6 +3,7 @@ and ImageNet checkpoint layout (shared behaviour is in
 test_backbones_common.py)."""
 import pytest
 import torch
+from torch.func import functional_call
 
 from mila_det.models.backbones import MM_VSSM, VMamba
 from mila_det.models.layers import Linear2d
@@ -141,3 +142,21 @@ def test_forward_picks_the_path_by_backend(monkeypatch):
         slow = block(x)
     assert calls == ['_scan_tokens', '_scan_channel_first']
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+
+def test_ss2d_float64_is_float64_throughout():
+    """A float64 block computes in float64, SSM parameters included:
+    finite differences agree with autograd for the input, A, D and the step
+    bias (fp32 rounding anywhere inside would break them)."""
+    torch.manual_seed(0)
+    block = SS2D(4, d_state=2, ssm_ratio=1.0).double()
+    names = ('A_logs', 'Ds', 'dt_projs_bias')
+    x = torch.randn(1, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    values = tuple(getattr(block, n).detach().clone().requires_grad_()
+                   for n in names)
+
+    def run(x, *values):
+        return functional_call(block, dict(zip(names, values)), (x, ))
+
+    assert torch.autograd.gradcheck(run, (x, *values), eps=1e-6, atol=1e-5)

@@ -60,12 +60,14 @@ class PeakMemory:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
+    CLEAR_REFS = '/proc/self/clear_refs'
+
     @classmethod
     def _reset_high_water_mark(cls) -> bool:
         """Reset the kernel's peak to the current RSS; False where that is
         not allowed or has no effect (kernels before 4.0 ignore it)."""
         try:
-            with open('/proc/self/clear_refs', 'w') as f:
+            with open(cls.CLEAR_REFS, 'w') as f:
                 f.write('5')
             return cls._high_water_mark() <= cls._rss() + 16
         except (OSError, RuntimeError):

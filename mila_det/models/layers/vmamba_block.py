@@ -123,7 +123,7 @@ class SS2D(nn.Module):
             y = self._scan_tokens(u)
         else:
             y = self._scan_channel_first(u)
-        norm = self.out_norm  # on the scan's fp32 output, whatever x is
+        norm = self.out_norm  # in the scan's dtype (fp32 for bf16 x)
         y = F.layer_norm(y, (self.d_inner, ), norm.weight.to(y.dtype),
                          norm.bias.to(y.dtype), norm.eps)
         return self.out_proj(y.to(x.dtype).permute(0, 3, 1, 2))
@@ -136,8 +136,11 @@ class SS2D(nn.Module):
                           conv.stride, conv.padding, conv.groups)
 
     def _ssm_args(self):
-        A = -torch.exp(self.A_logs.float())
-        return A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
+        """A, D and the step bias in the scan's dtype: fp32, or fp64 for a
+        float64 model."""
+        ct = torch.promote_types(self.A_logs.dtype, torch.float32)
+        A = -torch.exp(self.A_logs.to(ct))
+        return A, self.Ds.to(ct), self.dt_projs_bias.to(ct).reshape(-1)
 
     def _scan_channel_first(self, u: Tensor) -> Tensor:
         """Cross scan, scan and merge on ``[B, 4, Di, L]`` sequences.

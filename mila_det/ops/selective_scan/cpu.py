@@ -156,8 +156,8 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
     ``B * G`` sequences on its own)."""
     batch, groups, length = a.shape[:3]
 
-    def flat(x: Tensor) -> Tensor:
-        return x.reshape(batch * groups, length, -1)
+    def flat(x: Tensor) -> Tensor:  # explicit sizes: the batch may be 0
+        return x.reshape(batch * groups, length, math.prod(x.shape[3:]))
 
     h = linear_recurrence(flat(a), flat(b),
                           out=None if out is None else flat(out), **kwargs)

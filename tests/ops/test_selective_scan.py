@@ -111,11 +111,48 @@ def test_token_major_layout_is_the_transposed_channel_first(n_state):
         selective_scan_tokens(tokens(u), tokens(delta), A, B, C)
 
 
-def test_chunked_scan_gradcheck_float64():
-    args = make_inputs(batch=1, groups=2, per_group=2, n_state=2, length=9,
-                       dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda *a: selective_scan_chunked(*a, delta_softplus=True), args)
+@pytest.mark.parametrize('length', [1, 2, 33, 100], ids=lambda n: f'L{n}')
+@pytest.mark.parametrize('n_state', [1, 4], ids=lambda n: f'N{n}')
+def test_reverse_scan_is_the_scan_of_the_flipped_sequence(length, n_state):
+    """``reverse=True`` equals the reference run on inputs flipped along L,
+    flipped back: outputs and the gradients of every input."""
+    args = make_inputs(n_state=n_state, length=length)
+    batch, groups = args[0].shape[0], args[3].shape[1]
+
+    def tokens(x):
+        return x.view(batch, groups, -1, x.shape[-1]).transpose(2, 3)
+
+    u, delta, A, B, C, D, bias = args
+    got = selective_scan_tokens(tokens(u), tokens(delta), A,
+                                B.transpose(2, 3), C.transpose(2, 3), D,
+                                bias, delta_softplus=True, reverse=True)
+    want = selective_scan_naive(u.flip(-1), delta.flip(-1), A, B.flip(-1),
+                                C.flip(-1), D, bias, True).flip(-1)
+    assert rel_err(got, tokens(want)) < 1e-5
+    dy = torch.randn_like(want)
+    used = [u, delta, A, B, C, D, bias]
+    g_got = torch.autograd.grad(got, used, tokens(dy))
+    g_want = torch.autograd.grad(want, used, dy)
+    for name, a, b in zip(NAMES, g_got, g_want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize('reverse', [False, True], ids=['fwd', 'rev'])
+def test_token_major_scan_gradcheck_float64(reverse):
+    u, delta, A, B, C, D, bias = make_inputs(
+        batch=1, groups=2, per_group=2, n_state=2, length=9,
+        dtype=torch.float64)
+
+    def tokens(x):
+        return x.view(1, 2, -1, x.shape[-1]).transpose(2, 3)
+
+    def scan(u, delta, A, B, C, D, bias):
+        return selective_scan_tokens(tokens(u), tokens(delta), A,
+                                     B.transpose(2, 3), C.transpose(2, 3), D,
+                                     bias, delta_softplus=True,
+                                     reverse=reverse)
+
+    assert torch.autograd.gradcheck(scan, (u, delta, A, B, C, D, bias))
 
 
 def test_public_function_uses_chunked_path_on_cpu():

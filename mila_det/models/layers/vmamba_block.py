@@ -160,36 +160,46 @@ class SS2D(nn.Module):
         return y.reshape(b, inner, h, w).permute(0, 2, 3, 1)
 
     def _scan_tokens(self, u: Tensor) -> Tensor:
-        """The same computation with tokens before channels, for CPUs: the
-        four routes (rows, columns, each read forwards and backwards) as
-        ``[B, 4, L, Di]``, so the projections are batched matmuls writing
-        the scan's layout and every token of a route is a contiguous row.
-        ``u: [B, Di, H, W]`` -> ``[B, H, W, Di]`` fp32."""
+        """The same computation with tokens before channels, for CPUs.
+
+        The four routes read two sequences, the pixels by rows and by
+        columns, each forwards (routes 0, 1) and backwards (routes 2, 3).
+        The sequences are held once, ``[B, 2, L, Di]`` with every token a
+        contiguous row, and the backward routes are scanned from the end
+        rather than flipped, so their outputs need no flip either. Both
+        routes of a sequence share one projection matmul.
+        ``u: [B, Di, H, W]`` -> ``[B, H, W, Di]`` fp32.
+        """
         b, inner, h, w = u.shape
         length, n, rank = h * w, self.d_state, self.dt_rank
         grid = u.permute(0, 2, 3, 1)  # a view when u is channels-last
-        rows = grid.reshape(b, length, inner)
-        cols = grid.transpose(1, 2).reshape(b, length, inner)
-        xs = torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=1)
+        seqs = torch.stack([grid.reshape(b, length, inner),
+                            grid.transpose(1, 2).reshape(b, length, inner)],
+                           dim=1)  # [B, 2, L, Di]: rows, columns
 
-        def per_route(weight: Tensor) -> Tensor:  # [4, ...] -> [B * 4, ...]
+        def per_seq(weight: Tensor) -> Tensor:  # [2, ...] -> [B * 2, ...]
             return weight.expand(b, *weight.shape).flatten(0, 1)
 
-        x_dbl = torch.bmm(xs.view(b * 4, length, inner),
-                          per_route(self.x_proj_weight.transpose(1, 2)))
-        dt_low, Bs, Cs = torch.split(x_dbl, [rank, n, n], dim=-1)
+        # Route k reads sequence k % 2; one matmul for both of its routes.
+        proj = self.x_proj_weight.view(2, 2, -1, inner).transpose(0, 1)
+        x_dbl = torch.bmm(seqs.view(b * 2, length, inner),
+                          per_seq(proj.flatten(1, 2).transpose(1, 2)))
         A, D, bias = self._ssm_args()
-        # The step bias is added by the matmul (same sum, one pass fewer).
-        dts = torch.baddbmm(per_route(bias.view(4, 1, inner).to(dt_low)),
-                            dt_low,
-                            per_route(self.dt_projs_weight.transpose(1, 2)))
-        y = selective_scan_tokens(
-            xs, dts.view(b, 4, length, inner), A,
-            Bs.reshape(b, 4, length, n), Cs.reshape(b, 4, length, n),
-            delta_softplus=True)  # [B, 4, L, Di], without the D term
-        y_rows = y[:, 0] + y[:, 2].flip(1)
-        y_cols = y[:, 1] + y[:, 3].flip(1)
-        y = y_rows.view(b, h, w, inner) + y_cols.view(
+        A, bias = A.view(2, 2 * inner, n), bias.view(2, 2, 1, inner)
+        dt_proj = self.dt_projs_weight.view(2, 2, inner, rank)
+        y = None
+        for way in (0, 1):  # 0: routes 0, 1 forwards; 1: routes 2, 3
+            part = x_dbl[..., way * (rank + 2 * n):(way + 1) * (rank + 2 * n)]
+            dt_low, Bs, Cs = torch.split(part, [rank, n, n], dim=-1)
+            # The step bias is added by the matmul (one pass fewer).
+            dts = torch.baddbmm(per_seq(bias[way].to(dt_low)), dt_low,
+                                per_seq(dt_proj[way].transpose(1, 2)))
+            y_way = selective_scan_tokens(
+                seqs, dts.view(b, 2, length, inner), A[way],
+                Bs.reshape(b, 2, length, n), Cs.reshape(b, 2, length, n),
+                delta_softplus=True, reverse=bool(way))
+            y = y_way if y is None else y + y_way
+        y = y[:, 0].view(b, h, w, inner) + y[:, 1].view(
             b, w, h, inner).transpose(1, 2)
         # Every route reads the same pixels, so the skip terms D_k * u sum
         # to (sum_k D_k) * u: one pass over the merged map, not four.

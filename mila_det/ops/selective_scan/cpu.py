@@ -13,7 +13,8 @@ ones, with the same sums in fp32 (only their association differs). Half of
 ``sqrt(L)`` rather than ``sqrt(L)`` because each step then touches a
 cache-sized slice (VMamba-T forward at 800x1280: 4% faster). The backward
 pass is the same recurrence run in reverse, with the states recomputed
-rather than stored.
+rather than stored. ``reverse=True`` scans from the last token to the first,
+so a route that reads a sequence backwards needs no flipped copy of it.
 """
 import math
 from typing import Optional, Tuple
@@ -166,17 +167,18 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
 
 class SelectiveScanTokensFunction(torch.autograd.Function):
     """Token-major selective scan by :func:`linear_recurrence`, with an
-    analytic backward (a reverse recurrence); all accumulation in fp32."""
+    analytic backward (the recurrence run the other way); all accumulation
+    in fp32."""
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
-                delta_softplus: bool) -> Tensor:
+                delta_softplus: bool, reverse: bool) -> Tensor:
         ct = _compute_dtype(u)
         dt, _ = _step(delta, delta_bias, delta_softplus, ct)
         a, b = _decay_and_input(dt, u, A, B)
         del dt
-        h = _recurrence(a, b, out=b)  # in place: b is not needed again
+        h = _recurrence(a, b, out=b, reverse=reverse)  # in place: b is done
         del a
         if A.shape[1] == 1:
             y = h.squeeze(3).mul_(C.to(ct))  # in place: h is not needed
@@ -185,7 +187,7 @@ class SelectiveScanTokensFunction(torch.autograd.Function):
         if D is not None:
             y.addcmul_(u, _per_channel(D, u, ct))
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
-        ctx.delta_softplus = delta_softplus
+        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
         return y
 
     @staticmethod
@@ -196,18 +198,21 @@ class SelectiveScanTokensFunction(torch.autograd.Function):
         n_state = A.shape[1]
         dt, pre = _step(delta, delta_bias, ctx.delta_softplus, ct)
         a, b = _decay_and_input(dt, u, A, B)
-        h = _recurrence(a, b)
+        h = _recurrence(a, b, reverse=ctx.reverse)
         dy = dy.to(ct).contiguous()
         B_, C_ = B.to(ct).unsqueeze(-1), C.to(ct).unsqueeze(-1)
-        # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse recurrence
-        # whose decay at t is a_{t+1}; the last token starts it.
+        # g_t = dL/dh_t = C_t dy_t + a_s g_s, s the token after t in scan
+        # order: a recurrence the other way, started by the scan's last token.
         g = dy.unsqueeze(3) * C_
         if g.shape[2] > 1:
-            _recurrence(a[:, :, 1:], g[:, :, :-1], reverse=True,
-                        initial=g[:, :, -1].flatten(0, 1).flatten(1),
-                        out=g[:, :, :-1])
+            first, rest = (0, slice(1, None)) if ctx.reverse else (-1, slice(
+                None, -1))
+            decay = a[:, :, :-1] if ctx.reverse else a[:, :, 1:]
+            _recurrence(decay, g[:, :, rest], reverse=not ctx.reverse,
+                        initial=g[:, :, first].flatten(0, 1).flatten(1),
+                        out=g[:, :, rest])
         dC = (h * dy.unsqueeze(3)).sum(-1)
-        # a_t h_{t-1} = h_t - b_t, so dL/d(dt A) = g_t a_t h_{t-1}.
+        # a_t h_prev = h_t - b_t, so dL/d(dt A) = g_t a_t h_prev.
         d_log_a = g * h.sub_(b)
         del a, b, h
         A_g = A.to(ct).view(groups, per_group, n_state).transpose(1, 2)
@@ -228,13 +233,14 @@ class SelectiveScanTokensFunction(torch.autograd.Function):
                   if delta_bias is not None else None)
         return (du.to(u.dtype), d_dt.to(delta.dtype),
                 dA.reshape(A.shape).to(A.dtype), dB.to(B.dtype),
-                dC.to(C.dtype), dD, d_bias, None)
+                dC.to(C.dtype), dD, d_bias, None, None)
 
 
 def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                           C: Tensor, D: Optional[Tensor] = None,
                           delta_bias: Optional[Tensor] = None,
-                          delta_softplus: bool = False) -> Tensor:
+                          delta_softplus: bool = False,
+                          reverse: bool = False) -> Tensor:
     """The selective scan with tokens before channels (the CPU fast path):
     the channel-first tensors of :func:`selective_scan` with their last two
     axes swapped, so each time step of a group is one contiguous row.
@@ -249,6 +255,9 @@ def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
         D (Tensor, optional): ``[G * Dg]``. Defaults to None.
         delta_bias (Tensor, optional): ``[G * Dg]``. Defaults to None.
         delta_softplus (bool): Softplus on the step. Defaults to False.
+        reverse (bool): Scan from the last token to the first (the result
+            equals scanning the inputs flipped along L, flipped back).
+            Defaults to False.
 
     Returns:
         Tensor: ``[B, G, L, Dg]`` fp32 (fp64 for fp64 inputs).
@@ -268,7 +277,7 @@ def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 f'{(batch, groups, length, n_state)}, got {tuple(t.shape)}')
     return SelectiveScanTokensFunction.apply(
         u.contiguous(), delta.contiguous(), A, B.contiguous(),
-        C.contiguous(), D, delta_bias, delta_softplus)
+        C.contiguous(), D, delta_bias, delta_softplus, reverse)
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,

@@ -98,3 +98,32 @@ def test_peak_memory_forgets_earlier_peaks(monkeypatch, reset):
         buf = torch.ones(2**20)  # 4 MiB
         del buf
     assert before <= mem.peak < before + 256
+
+
+def test_benchmark_peak_leaves_out_the_flop_count(tmp_path):
+    """The FLOP count's memory, kept resident by the kept heap, is not in
+    the reported peak: a FLOP count that touches 2 GiB leaves the peak of
+    a tiny model far below that."""
+    script = tmp_path / 'run.py'
+    script.write_text(f'''
+import sys, torch
+sys.argv = ['benchmark.py', '--backbone', 'mila_t', '--shape', '64', '64',
+            '--repeat', '1', '--warmup', '1']
+spec_path = {osp.join(REPO_ROOT, 'tools/analysis/benchmark.py')!r}
+import importlib.util
+spec = importlib.util.spec_from_file_location('bench', spec_path)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+def count_macs(*args):
+    buf = torch.ones(512 * 2**20)  # 2 GiB from the (kept) heap
+    del buf
+    return 1e9
+
+bench.count_macs = count_macs
+bench.main()
+''')
+    proc = run(str(script), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = float(re.search(r'peak +([0-9.]+) MiB', proc.stdout).group(1))
+    assert peak < 1536, proc.stdout

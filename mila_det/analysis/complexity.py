@@ -89,7 +89,8 @@ def backbone_macs(model: nn.Module, shape: Sequence[int],
                   ssm_convention: str = 'gu') -> Dict[str, int]:
     """MACs of a backbone on one ``3 x H x W`` image: ``total`` and one entry
     per top-level child (``patch_embed``, ``layers.0``, ...)."""
-    x = torch.randn(1, 3, *shape)
+    device = next(model.parameters(), torch.empty(0)).device
+    x = torch.randn(1, 3, *shape, device=device)
     was_training = model.training
     model.eval()
     with torch.no_grad():

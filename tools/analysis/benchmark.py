@@ -21,7 +21,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
@@ -219,26 +219,22 @@ def count_macs(model, is_detector: bool, shape) -> float:
     return backbone_macs(target, shape)['total']
 
 
-def _sweep_model(name: str, mode: str, batch: int, threads: int,
-                 device: str, warmup: int, repeat: int,
-                 sides: List[int]) -> list:
-    """Time one backbone at every sweep size, smallest first. It runs in a
-    fresh process: the kept heap never shrinks, so the process' peak RSS
-    is this model's (at this size, as sizes only grow) and no other's."""
+def _sweep_point(name: str, side: int, mode: str, batch: int, threads: int,
+                 device: str, warmup: int, repeat: int) -> tuple:
+    """Time one backbone at one sweep size. It runs in a fresh process: the
+    kept heap never shrinks, so the process' peak RSS is this model's at
+    this size, with no memory (or fragments) left by another."""
     from mila_det.utils.malloc import keep_freed_memory
     keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device(device)
     model = build_backbone(name, device)
-    rows = []
-    for side in sorted(sides):
-        step = make_step(model, False, mode, (side, side), batch, device)
-        r = time_it(step, device, warmup, repeat)
-        rows.append((name, side, r['median'], r['peak_mib']))
-        print(f'  {name:9s} {side:5d}^2  {r["median"] * 1e3:9.1f} ms  '
-              f'peak {r["peak_mib"]:7.0f} MiB', flush=True)
-    return rows
+    step = make_step(model, False, mode, (side, side), batch, device)
+    r = time_it(step, device, warmup, repeat)
+    print(f'  {name:9s} {side:5d}^2  {r["median"] * 1e3:9.1f} ms  '
+          f'peak {r["peak_mib"]:7.0f} MiB', flush=True)
+    return name, side, r['median'], r['peak_mib']
 
 
 def sweep(args, device) -> None:
@@ -246,14 +242,16 @@ def sweep(args, device) -> None:
     a CSV, a log-log PNG, and each model's growth from 1024^2 to 2048^2."""
     import csv
     import multiprocessing
-    rows = []
     ctx = multiprocessing.get_context('spawn')
+    rows = []
     for name in SWEEP_MODELS:
-        with ctx.Pool(1) as pool:
-            rows += pool.apply(_sweep_model,
-                               (name, args.mode, args.batch,
-                                torch.get_num_threads(), str(device),
-                                args.warmup, args.repeat, args.sweep_sides))
+        for side in sorted(args.sweep_sides):
+            with ctx.Pool(1) as pool:
+                rows.append(pool.apply(
+                    _sweep_point,
+                    (name, side, args.mode, args.batch,
+                     torch.get_num_threads(), str(device), args.warmup,
+                     args.repeat)))
     out = args.sweep_out
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.csv', 'w', newline='') as f:

@@ -142,7 +142,8 @@ def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor,
     groups, per_group = u.shape[1], u.shape[3]
     n_state = A.shape[1]
     A_g = A.to(dt.dtype).view(groups, per_group, n_state).transpose(1, 2)
-    a = torch.mul(dt.unsqueeze(3), A_g.unsqueeze(1)).exp_()
+    # Contiguous, so the recurrences view it rather than copy it each time.
+    a = torch.mul(dt.unsqueeze(3), A_g.unsqueeze(1)).exp_().contiguous()
     b = torch.mul(dt, u).unsqueeze(3)
     if n_state == 1:
         b.mul_(B.to(dt.dtype).unsqueeze(-1))  # in place
@@ -160,9 +161,19 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
     def flat(x: Tensor) -> Tensor:  # explicit sizes: the batch may be 0
         return x.reshape(batch * groups, length, math.prod(x.shape[3:]))
 
-    h = linear_recurrence(flat(a), flat(b),
-                          out=None if out is None else flat(out), **kwargs)
+    flat_out = None
+    if out is not None:
+        flat_out = flat(out)
+        if flat_out.data_ptr() != out.data_ptr() or not _same_storage(
+                flat_out, out):  # a reshape that copied: writes would be lost
+            raise RuntimeError('selective scan: the output buffer must be '
+                               'viewable as [B * G, L, M]')
+    h = linear_recurrence(flat(a), flat(b), out=flat_out, **kwargs)
     return h.view(a.shape)
+
+
+def _same_storage(x: Tensor, y: Tensor) -> bool:
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 class SelectiveScanTokensFunction(torch.autograd.Function):

@@ -187,3 +187,16 @@ def test_triton_scan_without_d_and_bias():
     check_against_reference(
         lambda *a, **k: selective_scan(*a, **k, backend='triton'),
         with_d=False, with_bias=False, length=30, n_state=2)
+
+
+def test_recurrence_refuses_an_output_it_would_write_to_a_copy():
+    """An ``out=`` buffer that cannot be viewed as ``[B * G, L, M]`` raises
+    rather than receiving nothing (the states would go to a copy)."""
+    from mila_det.ops.selective_scan.cpu import _recurrence
+    a, b = torch.rand(2, 3, 5, 2, 4), torch.randn(2, 3, 5, 2, 4)
+    want = _recurrence(a, b)
+    scrambled = torch.empty(2, 3, 5, 4, 2).transpose(3, 4)
+    with pytest.raises(RuntimeError, match='viewable'):
+        _recurrence(a, b, out=scrambled)
+    _recurrence(a, b, out=b)  # a view: written in place
+    torch.testing.assert_close(b, want)

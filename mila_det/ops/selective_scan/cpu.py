@@ -164,16 +164,14 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
     flat_out = None
     if out is not None:
         flat_out = flat(out)
-        if flat_out.data_ptr() != out.data_ptr() or not _same_storage(
-                flat_out, out):  # a reshape that copied: writes would be lost
+        storage = out.untyped_storage().data_ptr()
+        if flat_out.untyped_storage().data_ptr() != storage:
+            # reshape copied: the states would be written to the copy
             raise RuntimeError('selective scan: the output buffer must be '
                                'viewable as [B * G, L, M]')
     h = linear_recurrence(flat(a), flat(b), out=flat_out, **kwargs)
     return h.view(a.shape)
 
-
-def _same_storage(x: Tensor, y: Tensor) -> bool:
-    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 class SelectiveScanTokensFunction(torch.autograd.Function):

@@ -46,6 +46,20 @@ def check_against_reference(fn, atol_rel=1e-5, **shape):
         assert rel_err(a, b) < atol_rel, name
 
 
+def tokens(x, groups):
+    """Channel-first ``[B, G*Dg, L]`` -> token-major ``[B, G, L, Dg]``."""
+    return x.view(x.shape[0], groups, -1, x.shape[-1]).transpose(2, 3)
+
+
+def scan_tokens(u, delta, A, B, C, D, bias, **kwargs):
+    """:func:`selective_scan_tokens` (softplus on) on the channel-first
+    arguments of :func:`make_inputs`; the result stays token-major."""
+    groups = B.shape[1]
+    return selective_scan_tokens(tokens(u, groups), tokens(delta, groups), A,
+                                 B.transpose(2, 3), C.transpose(2, 3), D,
+                                 bias, delta_softplus=True, **kwargs)
+
+
 @pytest.mark.parametrize('length', [1, 7, 63, 100, 257],
                          ids=lambda n: f'L{n}')
 @pytest.mark.parametrize('n_state', [1, 4], ids=lambda n: f'N{n}')
@@ -97,18 +111,13 @@ def test_token_major_layout_is_the_transposed_channel_first(n_state):
     """selective_scan_tokens on ``[B, G, L, Dg]`` = the reference on
     ``[B, G*Dg, L]``, transposed."""
     u, delta, A, B, C, D, bias = make_inputs(n_state=n_state, length=33)
-    batch, groups = u.shape[0], B.shape[1]
-
-    def tokens(x):
-        return x.view(batch, groups, -1, x.shape[-1]).transpose(2, 3)
-
-    got = selective_scan_tokens(tokens(u), tokens(delta), A,
-                                B.transpose(2, 3), C.transpose(2, 3), D,
-                                bias, delta_softplus=True)
+    groups = B.shape[1]
+    got = scan_tokens(u, delta, A, B, C, D, bias)
     want = selective_scan_naive(u, delta, A, B, C, D, bias, True)
-    assert rel_err(got, tokens(want)) < 1e-5
+    assert rel_err(got, tokens(want, groups)) < 1e-5
     with pytest.raises(ValueError, match='B must be'):
-        selective_scan_tokens(tokens(u), tokens(delta), A, B, C)
+        selective_scan_tokens(tokens(u, groups), tokens(delta, groups), A, B,
+                              C)
 
 
 @pytest.mark.parametrize('length', [1, 2, 33, 100], ids=lambda n: f'L{n}')
@@ -116,22 +125,15 @@ def test_token_major_layout_is_the_transposed_channel_first(n_state):
 def test_reverse_scan_is_the_scan_of_the_flipped_sequence(length, n_state):
     """``reverse=True`` equals the reference run on inputs flipped along L,
     flipped back: outputs and the gradients of every input."""
-    args = make_inputs(n_state=n_state, length=length)
-    batch, groups = args[0].shape[0], args[3].shape[1]
-
-    def tokens(x):
-        return x.view(batch, groups, -1, x.shape[-1]).transpose(2, 3)
-
-    u, delta, A, B, C, D, bias = args
-    got = selective_scan_tokens(tokens(u), tokens(delta), A,
-                                B.transpose(2, 3), C.transpose(2, 3), D,
-                                bias, delta_softplus=True, reverse=True)
+    u, delta, A, B, C, D, bias = make_inputs(n_state=n_state, length=length)
+    groups = B.shape[1]
+    got = scan_tokens(u, delta, A, B, C, D, bias, reverse=True)
     want = selective_scan_naive(u.flip(-1), delta.flip(-1), A, B.flip(-1),
                                 C.flip(-1), D, bias, True).flip(-1)
-    assert rel_err(got, tokens(want)) < 1e-5
+    assert rel_err(got, tokens(want, groups)) < 1e-5
     dy = torch.randn_like(want)
     used = [u, delta, A, B, C, D, bias]
-    g_got = torch.autograd.grad(got, used, tokens(dy))
+    g_got = torch.autograd.grad(got, used, tokens(dy, groups))
     g_want = torch.autograd.grad(want, used, dy)
     for name, a, b in zip(NAMES, g_got, g_want):
         assert rel_err(a, b) < 1e-5, name
@@ -139,20 +141,10 @@ def test_reverse_scan_is_the_scan_of_the_flipped_sequence(length, n_state):
 
 @pytest.mark.parametrize('reverse', [False, True], ids=['fwd', 'rev'])
 def test_token_major_scan_gradcheck_float64(reverse):
-    u, delta, A, B, C, D, bias = make_inputs(
-        batch=1, groups=2, per_group=2, n_state=2, length=9,
-        dtype=torch.float64)
-
-    def tokens(x):
-        return x.view(1, 2, -1, x.shape[-1]).transpose(2, 3)
-
-    def scan(u, delta, A, B, C, D, bias):
-        return selective_scan_tokens(tokens(u), tokens(delta), A,
-                                     B.transpose(2, 3), C.transpose(2, 3), D,
-                                     bias, delta_softplus=True,
-                                     reverse=reverse)
-
-    assert torch.autograd.gradcheck(scan, (u, delta, A, B, C, D, bias))
+    args = make_inputs(batch=1, groups=2, per_group=2, n_state=2, length=9,
+                       dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *a: scan_tokens(*a, reverse=reverse), args)
 
 
 def test_public_function_uses_chunked_path_on_cpu():

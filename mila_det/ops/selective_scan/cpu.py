@@ -214,9 +214,10 @@ class SelectiveScanTokensFunction(torch.autograd.Function):
         # order: a recurrence the other way, started by the scan's last token.
         g = dy.unsqueeze(3) * C_
         if g.shape[2] > 1:
-            first, rest = (0, slice(1, None)) if ctx.reverse else (-1, slice(
-                None, -1))
-            decay = a[:, :, :-1] if ctx.reverse else a[:, :, 1:]
+            if ctx.reverse:
+                first, rest, decay = 0, slice(1, None), a[:, :, :-1]
+            else:
+                first, rest, decay = -1, slice(None, -1), a[:, :, 1:]
             _recurrence(decay, g[:, :, rest], reverse=not ctx.reverse,
                         initial=g[:, :, first].flatten(0, 1).flatten(1),
                         out=g[:, :, rest])

@@ -1,12 +1,13 @@
 import os
 from pathlib import Path
 
-# Triton kernels run in the interpreter on CPU; must be set before any
-# kernel module is imported.
-os.environ.setdefault('TRITON_INTERPRET', '1')
-
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU (set
+# before Triton is imported, which reads it once); with one they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / 'shared'

@@ -6,7 +6,6 @@ from torch import nn
 
 from mila_det.analysis import backbone_macs, flop_analyzer, selective_scan_macs
 from mila_det.models.backbones import MILA, VMamba
-from mila_det.models.layers.vmamba_block import SS2D
 from mila_det.ops import selective_scan
 
 
@@ -87,13 +86,24 @@ def test_vmamba_backbone_flops_as_published(arch, side, published):
 
 def test_vmamba_count_is_the_same_on_both_scan_paths(monkeypatch):
     """The CPU path (batched matmuls, token-major scan) and the authors'
-    layout (einsums, channel-first scan) count the same multiply-adds (up
-    to MMEngine's einsum handle, which estimates through numpy's
-    einsum_path and is off by up to ~1e-5 on tiny maps)."""
+    layout (cross scan, einsums, channel-first scan, merge) count the same
+    multiply-adds (up to MMEngine's einsum handle, which estimates through
+    numpy's einsum_path and is off by up to ~1e-5 on tiny maps)."""
+    import importlib
+    from functools import partial
+
+    from mila_det.ops.cross_scan import naive_cross_merge, naive_cross_scan
+    from mila_det.ops.cross_selective_scan.naive import \
+        compose_cross_selective_scan
+    from mila_det.ops.selective_scan import chunk_selective_scan
     model = VMamba(arch=dict(dims=16, depths=(1, 1, 2, 1), ssm_ratio=2.0,
                              d_state=2))
     fast = backbone_macs(model, (64, 96))
-    monkeypatch.setattr(SS2D, '_scan_tokens', SS2D._scan_channel_first)
+    css = importlib.import_module('mila_det.ops.cross_selective_scan')
+    authors_layout = partial(
+        compose_cross_selective_scan, cross_scan=naive_cross_scan,
+        selective_scan=chunk_selective_scan, cross_merge=naive_cross_merge)
+    monkeypatch.setitem(css.IMPLS, 'torch', authors_layout)
     authors = backbone_macs(model, (64, 96))
     assert authors.keys() == fast.keys()
     for name in fast:

@@ -24,7 +24,7 @@ from torch import nn
 # shape of their first input ``u``.
 SCAN_OPS = {
     'prim::PythonOp.SelectiveScanFunction': lambda s: (s[0], s[2], s[1]),
-    'prim::PythonOp.SelectiveScanTokensFunction':  # [B, G, L, Dg]
+    'prim::PythonOp.ChunkSelectiveScanTokensFunction':  # [B, G, L, Dg]
     lambda s: (s[0], s[2], s[1] * s[3]),
 }
 
@@ -104,3 +104,38 @@ def backbone_macs(model: nn.Module, shape: Sequence[int],
                 name.startswith('layers.') or '.' not in name):
             out[name] = by_module[name]
     return out
+
+
+class _TensorMode(nn.Module):
+    """A detector called as ``detector(x, samples, mode='tensor')``: the
+    forward MMDetection's get_flops counts (RPN proposals through the RoI
+    heads)."""
+
+    def __init__(self, detector: nn.Module, samples) -> None:
+        super().__init__()
+        self.detector, self.samples = detector, samples
+
+    def forward(self, x):
+        return self.detector(x, self.samples, mode='tensor')
+
+
+def detector_macs(detector: nn.Module, shape: Sequence[int],
+                  ssm_convention: str = 'gu') -> int:
+    """Multiply-adds of a whole detector's forward on one ``3 x H x W``
+    image with synthetic annotations."""
+    from mila_det.utils.synthetic import synthetic_det_batch
+    device = next(detector.parameters()).device
+    images, samples = synthetic_det_batch(1, *shape, device)
+    data = detector.data_preprocessor(
+        dict(inputs=[(images[0] * 50 + 110).clamp(0, 255)],
+             data_samples=samples), False)
+    was_training = detector.training
+    detector.eval()
+    try:
+        with torch.no_grad():
+            analyzer = flop_analyzer(
+                _TensorMode(detector, data['data_samples']),
+                (data['inputs'], ), ssm_convention)
+            return analyzer.total()
+    finally:
+        detector.train(was_training)

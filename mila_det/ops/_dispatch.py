@@ -1,13 +1,26 @@
 """The one place that decides which backend runs an operator.
 
-``auto`` picks Triton when the tensors live on CUDA and Triton imports, and
-PyTorch otherwise. A ``backend=`` argument, or the ``MILA_DET_BACKEND``
-environment variable, forces either; forcing one that cannot run raises a
-``RuntimeError`` that says how to fix it. ``naive`` runs each operator's
-plain reference (``naive.py``), for debugging and benchmarks.
+``auto`` picks Triton when the tensors live on CUDA, Triton imports and the
+kernel supports the inputs, and PyTorch otherwise. A ``backend=`` argument,
+or the ``MILA_DET_BACKEND`` environment variable, forces one; forcing one
+that cannot run raises a ``RuntimeError`` that says how to fix it. ``naive``
+runs each operator's plain reference (``naive.py``), for debugging and
+benchmarks.
+
+Operators call :func:`dispatch` with their implementations and receive the
+one to run; no operator or model chooses a backend itself.
+
+Until the kernels have been verified on the GPUs users run, a Triton kernel
+that ``auto`` picked and that fails to compile or launch does not end the
+run: the first call of each operator variant (operator, device, dtype,
+whether gradients are needed) runs its forward, and its backward where a
+gradient is needed, on a detached copy of the inputs first; if that raises,
+a warning names the operator and the error, and the operator runs in
+PyTorch for the rest of the process. A forced ``triton`` raises instead.
 """
 import os
-from typing import Optional
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -19,23 +32,29 @@ except ImportError:
 
 BACKENDS = ('auto', 'torch', 'triton', 'naive')
 BACKEND_ENV = 'MILA_DET_BACKEND'
+# Triton reads TRITON_INTERPRET when it is imported, so this module does too.
+TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def resolve_backend(op: str,
                     x: torch.Tensor,
                     backend: Optional[str] = None,
-                    has_triton_kernel: bool = True) -> str:
+                    has_triton_kernel: bool = True,
+                    triton_unsupported: Optional[str] = None) -> str:
     """Return ``'torch'``, ``'triton'`` or ``'naive'`` for running ``op``.
 
     Args:
         op (str): Name of the operator, used in error messages.
         x (Tensor): A representative input (its device decides ``auto``).
         backend (str, optional): ``'auto'``, ``'torch'``, ``'triton'`` or
-            ``'naive'``.
-            Defaults to the ``MILA_DET_BACKEND`` environment variable, or
-            ``'auto'`` when it is unset.
+            ``'naive'``. Defaults to the ``MILA_DET_BACKEND`` environment
+            variable, or ``'auto'`` when it is unset.
         has_triton_kernel (bool): Whether ``op`` has a Triton kernel.
             Defaults to True.
+        triton_unsupported (str, optional): Why the Triton kernel cannot take
+            these particular inputs (an odd head width, float64), or None
+            when it can. ``auto`` then runs PyTorch; a forced ``triton``
+            raises with this reason. Defaults to None.
     """
     if backend is None:
         backend = os.environ.get(BACKEND_ENV, 'auto') or 'auto'
@@ -44,9 +63,9 @@ def resolve_backend(op: str,
         raise ValueError(f'{op}: unknown backend {backend!r}; expected one '
                          f'of {BACKENDS} (argument backend= or the '
                          f'{BACKEND_ENV} environment variable)')
-    interpret = os.environ.get('TRITON_INTERPRET', '0') == '1'
-    triton_can_run = (HAS_TRITON and has_triton_kernel
-                      and (x.is_cuda or interpret))
+    on_device = x.is_cuda or TRITON_INTERPRET
+    triton_can_run = (HAS_TRITON and has_triton_kernel and on_device
+                      and triton_unsupported is None)
     if backend == 'auto':
         return 'triton' if (triton_can_run and x.is_cuda) else 'torch'
     if backend == 'triton' and not triton_can_run:
@@ -54,11 +73,87 @@ def resolve_backend(op: str,
             why = 'Triton is not installed (pip install triton)'
         elif not has_triton_kernel:
             why = f'{op} has no Triton kernel; use backend="torch"'
-        else:
+        elif not on_device:
             why = (f'the tensors are on {x.device}; move them to a CUDA '
-                   'device, or set TRITON_INTERPRET=1 to run the kernels '
-                   'on CPU in the (slow) interpreter')
+                   'device, or set TRITON_INTERPRET=1 (before importing '
+                   'mila_det) to run the kernels on CPU in the interpreter')
+        else:
+            why = f'{triton_unsupported}; use backend="torch" or "auto"'
         raise RuntimeError(f'{op}: backend "triton" was forced but cannot '
                            f'run: {why}. Unset {BACKEND_ENV} or pass '
                            'backend="auto" to let mila_det choose.')
     return backend
+
+
+def dispatch(op: str,
+             x: torch.Tensor,
+             backend: Optional[str],
+             impls: Dict[str, Callable],
+             triton_unsupported: Optional[str] = None) -> Callable:
+    """The implementation of ``op`` to run on inputs like ``x``.
+
+    Args:
+        op (str): Name of the operator, used in error messages.
+        x (Tensor): A representative input.
+        backend (str, optional): As in :func:`resolve_backend`.
+        impls (dict): ``{'naive': f, 'torch': g, 'triton': h}``, each taking
+            the operator's arguments; no ``'triton'`` entry means no kernel.
+        triton_unsupported (str, optional): As in :func:`resolve_backend`.
+
+    Returns:
+        Callable: The implementation to call.
+    """
+    name = resolve_backend(op, x, backend, 'triton' in impls,
+                           triton_unsupported)
+    forced = (backend or os.environ.get(BACKEND_ENV, '') or 'auto').lower()
+    if name == 'triton' and forced == 'auto':
+        return _guarded(op, impls['triton'], impls['torch'])
+    return impls[name]
+
+
+# (op, device, dtype, needs grad) -> None if the kernels ran, else the error
+_TRIED: Dict[Tuple[Any, ...], Optional[str]] = {}
+
+
+def _guarded(op: str, triton_impl: Callable,
+             torch_impl: Callable) -> Callable:
+    """``triton_impl``, falling back to ``torch_impl`` for good when the
+    kernels fail on their first use (see the module docstring)."""
+
+    def run(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in tensors)
+        key = (op, tensors[0].device, tensors[0].dtype, needs_grad)
+        if key not in _TRIED and not torch.compiler.is_compiling():
+            try:
+                _probe(triton_impl, args, needs_grad)
+                _TRIED[key] = None
+            except Exception as err:  # compile, launch or resource errors
+                _TRIED[key] = f'{type(err).__name__}: {err}'
+                warnings.warn(
+                    f'mila_det: the Triton kernels of {op} failed on '
+                    f'{key[1]} ({key[2]}): {_TRIED[key][:500]}. Running {op} '
+                    'in PyTorch for the rest of this process. Set '
+                    f'{BACKEND_ENV}=triton to make this an error, or '
+                    f'{BACKEND_ENV}=torch to skip the kernels.',
+                    RuntimeWarning, stacklevel=2)
+        if _TRIED.get(key) is not None:
+            return torch_impl(*args)
+        return triton_impl(*args)
+
+    return run
+
+
+def _probe(impl: Callable, args: tuple, needs_grad: bool) -> None:
+    """Run ``impl`` forward (and backward when ``needs_grad``) on detached
+    copies of ``args``."""
+    copies = [a.detach().requires_grad_(a.requires_grad and needs_grad)
+              if isinstance(a, torch.Tensor) else a for a in args]
+    with torch.enable_grad() if needs_grad else torch.no_grad():
+        out = impl(*copies)
+        leaves = [c for c in copies
+                  if isinstance(c, torch.Tensor) and c.requires_grad]
+        if leaves:
+            torch.autograd.grad(out, leaves, torch.ones_like(out),
+                                allow_unused=True)

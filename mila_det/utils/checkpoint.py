@@ -1,66 +1,243 @@
 """Loading official and MMDetection checkpoints into our backbones.
 
 One module owns this so ``init_weights`` of every backbone and the
-command-line converter in ``tools/`` behave the same: files are read with
-``weights_only=True`` when they allow it, the backbone's tensors are found
-under ``model`` (ImageNet releases), ``state_dict`` (MMDetection) or at the
-top level, a ``backbone.`` prefix is stripped, derived or head-only tensors
-are dropped, and anything that does not fit fails with the file and the
-first offending key.
+command-line converter in ``tools/`` behave the same:
+
+* files are read through MMEngine's
+  :meth:`~mmengine.runner.CheckpointLoader.load_checkpoint`, so local paths,
+  ``https://``, ``open-mmlab://``, ``torchvision://`` and the other schemes
+  MMDetection users know all work;
+* every scheme unpickles with ``weights_only=True``: a file that holds other
+  objects is refused with an error naming the class, never retried unsafely
+  (:func:`load_checkpoint_file` says how to allow a class on purpose);
+* the backbone's tensors are found under ``state_dict`` (MMDetection),
+  ``model`` (ImageNet releases) or at the top level, and a ``backbone.``
+  prefix is stripped;
+* tensors unused by design (a classifier, derived tables) are dropped; any
+  other key that does not fit the backbone is an error that names the
+  counts, the first keys and the known arch the checkpoint does fit, unless
+  partial loading is asked for with ``strict=False``.
 """
+import contextlib
+import functools
+import importlib
 import logging
 import os
 import pickle
 import re
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple,
+                    Optional, Sequence, Union)
 
 import torch
 from mmengine.logging import print_log
+from mmengine.runner import CheckpointLoader
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 StateDict = Dict[str, Tensor]
+# torch.load reads these at every call; the first wins over an explicit
+# ``weights_only=False`` (torch.hub passes one for downloads).
+FORCE_WEIGHTS_ONLY = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
+FORCE_NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read safely or does not fit the model.
+
+    Attributes:
+        path (str): The checkpoint as it was named.
+        blocked (list[str]): Globals the weights-only unpickler refused
+            (empty when the error is of another kind).
+    """
+
+    def __init__(self, message: str, path: str,
+                 blocked: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.path = path
+        self.blocked = list(blocked)
 
 
 class LoadReport(NamedTuple):
-    """What :func:`load_pretrained` did: key names, in checkpoint order."""
+    """What :func:`load_pretrained` did: key names, in checkpoint order
+    (``missing`` and ``fresh`` in the module's order).
+
+    Attributes:
+        loaded: Tensors copied into the module.
+        missing: Module keys the checkpoint lacks (only with
+            ``strict=False``).
+        unexpected: Checkpoint keys the module lacks (only with
+            ``strict=False``).
+        ignored: Checkpoint keys unused by design (``ignore`` patterns, and
+            ``optional`` keys the module does not have).
+        fresh: ``optional`` module keys the checkpoint lacks; they keep their
+            initialisation (an ImageNet file has no output norms).
+        mismatched: Keys of both whose shapes differ (only with
+            ``strict=False``; not loaded).
+    """
     loaded: List[str]
     missing: List[str]
     unexpected: List[str]
     ignored: List[str]
+    fresh: List[str]
+    mismatched: List[str]
 
 
-def load_checkpoint_file(path: Optional[str]) -> dict:
-    """Read a checkpoint file onto the CPU, preferring ``weights_only=True``.
+# ---------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _weights_only_everywhere() -> Iterator[None]:
+    """Make every ``torch.load`` inside the block use ``weights_only=True``.
 
-    Files holding only tensors and plain containers load safely. A file that
-    also pickles other objects (an optimizer config, a yacs node) loads with
-    ``weights_only=False`` after a warning that names it: only do that with
-    files you trust.
+    MMEngine's loaders call ``torch.load`` without the argument (the local,
+    ``open-mmlab://`` and ceph loaders) or through
+    ``torch.hub.load_state_dict_from_url``, which passes
+    ``weights_only=False``. torch's own switch
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides both; a user's
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set aside for the block (it
+    would contradict it).
+    """
+    saved = {k: os.environ.get(k)
+             for k in (FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[FORCE_WEIGHTS_ONLY] = '1'
+    os.environ.pop(FORCE_NO_WEIGHTS_ONLY, None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _resolve_global(name: Union[str, Callable]) -> Callable:
+    """``'package.module.Class'`` -> the object (objects pass through)."""
+    if not isinstance(name, str):
+        return name
+    parts = name.split('.')
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module('.'.join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ValueError(f'safe_globals: cannot import {name!r} (give the full '
+                     "dotted name, e.g. 'argparse.Namespace')")
+
+
+def _allow(safe_globals: Sequence[Union[str, Callable]]):
+    """A context in which ``safe_globals`` are allow-listed for
+    weights-only unpickling (nothing changes outside it)."""
+    if not safe_globals:
+        return contextlib.nullcontext()
+    allow = getattr(torch.serialization, 'safe_globals', None)
+    if allow is None:
+        raise ValueError('safe_globals needs torch >= 2.5 '
+                         '(torch.serialization.safe_globals)')
+    return allow([_resolve_global(g) for g in safe_globals])
+
+
+def _unpickler_reason(message: str) -> str:
+    """The weights-only unpickler's own sentence out of torch's long
+    message (which also suggests ``weights_only=False``; we do not)."""
+    found = re.search(r'WeightsUnpickler error: ([^\n]+)', message)
+    if found:
+        return found.group(1).strip()
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if 'weights_only' not in ln and
+              'Weights only load failed' not in ln and
+              'documentation of torch.load' not in ln]
+    return (useful or lines or ['unreadable'])[-1]
+
+
+def _refused(path: str, err: Exception) -> CheckpointError:
+    """The error for a file the weights-only unpickler would not read."""
+    message = str(err)
+    blocked = re.findall(
+        r'GLOBAL (\S+) was not an allowed global|'
+        r'unsupported GLOBAL (\S+) whose module', message)
+    names = [a or b for a, b in blocked]
+    if not names:
+        return CheckpointError(
+            f'{path} is not a checkpoint that can be read safely '
+            f'({_unpickler_reason(message)}). Check that the file is '
+            'complete (not an interrupted download or an HTML error page) '
+            'and was written by torch.save.', path)
+    listed = ', '.join(names)
+    return CheckpointError(
+        f'{path} holds pickled objects besides tensors and weights-only '
+        f'loading refused {listed}. Pretrained weights are always read '
+        'with weights_only=True, so no code from the file runs. If you '
+        'trust this file, allow exactly that class: add '
+        f'safe_globals={names!r} to the backbone\'s init_cfg (dict('
+        "type='Pretrained', checkpoint=..., safe_globals=[...])) or call "
+        f'torch.serialization.add_safe_globals([{listed}]) before '
+        'init_weights (further classes, if any, are named one at a time). '
+        'Or load it once as trusted and re-save only the tensors: '
+        "torch.save({'model': ckpt['model']}, 'clean.pth').", path, names)
+
+
+def load_checkpoint_file(path: Optional[str],
+                         safe_globals: Sequence[Union[str, Callable]] = ()
+                         ) -> Any:
+    """Read a checkpoint onto the CPU, weights only, from any scheme.
+
+    Goes through :meth:`mmengine.runner.CheckpointLoader.load_checkpoint`,
+    so ``path`` may be a local file or an ``https://``, ``open-mmlab://``,
+    ``torchvision://``, ``s3://``... address (downloads are cached as MMEngine
+    and torch.hub do). Unpickling is weights-only for every scheme: tensors,
+    plain containers, numbers and strings load; anything else is refused.
+
+    Args:
+        path (str, optional): Where the checkpoint is.
+        safe_globals (Sequence[str | callable]): Classes or functions (or
+            their dotted names) to allow for this file only, for trusted
+            files that pickle more than tensors. Defaults to ().
+
+    Returns:
+        The loaded object (normally a dict).
+
+    Raises:
+        ValueError: ``path`` is empty.
+        FileNotFoundError: a local ``path`` does not exist (the message says
+            where it was expected).
+        CheckpointError: the file is not a checkpoint, or pickles a class
+            that is not allow-listed (the message names it and says how to
+            allow it).
     """
     if path is None or not str(path).strip():
         raise ValueError(
             'pretrained checkpoint path is empty: set init_cfg=dict('
             "type='Pretrained', checkpoint='path/to/file.pth') or "
             'init_cfg=None to start from random weights')
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'pretrained checkpoint not found: {path} (looked in '
-            f'{os.path.abspath(path)}). Download it there, point the '
-            "config's `pretrained` variable at it, or pass --cfg-options "
-            'model.backbone.init_cfg=None to train from scratch.')
+    path = str(path)
+    if '://' not in path:
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f'pretrained checkpoint not found: {path} (looked in '
+                f'{os.path.abspath(path)}). Download it there, point the '
+                "config's `pretrained` variable at it, or pass --cfg-options "
+                'model.backbone.init_cfg=None to train from scratch.')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with _weights_only_everywhere(), _allow(safe_globals):
+            return CheckpointLoader.load_checkpoint(
+                path, map_location='cpu', logger='current')
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err) else 'objects'
-        print_log(
-            f'{path} holds more than tensors ({reason[:160]}); loading it '
-            'with weights_only=False. Only load files you trust.',
-            logger='current', level=logging.WARNING)
-        return torch.load(path, map_location='cpu', weights_only=False)
+        raise _refused(path, err) from None
+    except (EOFError, RuntimeError) as err:  # empty or truncated archives
+        reason = (str(err).strip().splitlines()[0] if str(err).strip() else
+                  'the data ends too early')
+        raise CheckpointError(
+            f'{path} is not a readable checkpoint ({type(err).__name__}: '
+            f'{reason}). Check that the file is complete.', path) from err
 
 
-def select_state_dict(checkpoint: dict, path: str = '<checkpoint>',
+def select_state_dict(checkpoint: Any, path: str = '<checkpoint>',
                       prefix: str = 'backbone.') -> StateDict:
     """Find the backbone's tensors in a loaded checkpoint.
 
@@ -87,7 +264,8 @@ def select_state_dict(checkpoint: dict, path: str = '<checkpoint>',
     return state
 
 
-def _short_list(keys: List[str], limit: int = 8) -> str:
+# ---------------------------------------------------------------- fitting
+def _short_list(keys: Sequence[str], limit: int = 5) -> str:
     if not keys:
         return 'none'
     shown = ', '.join(keys[:limit])
@@ -95,62 +273,239 @@ def _short_list(keys: List[str], limit: int = 8) -> str:
                     if len(keys) > limit else '')
 
 
+def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    compiled = [re.compile(p) for p in patterns]
+    return lambda key: any(p.fullmatch(key) for p in compiled)
+
+
+class _Mismatch(NamedTuple):
+    missing: List[str]
+    unexpected: List[str]
+    mismatched: List[str]
+    extra: List[str]   # optional keys of the checkpoint the module lacks
+    fresh: List[str]   # optional keys of the module the checkpoint lacks
+
+
+def _compare(state: Dict[str, torch.Size], own: Dict[str, torch.Size],
+             optional: Callable[[str], bool]) -> _Mismatch:
+    """How the checkpoint's keys and shapes differ from the module's."""
+    absent = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    return _Mismatch(
+        missing=[k for k in absent if not optional(k)],
+        unexpected=[k for k in extra if not optional(k)],
+        mismatched=[k for k in state if k in own and state[k] != own[k]],
+        extra=[k for k in extra if optional(k)],
+        fresh=[k for k in absent if optional(k)])
+
+
+def _arch_owner(cls: type) -> Optional[type]:
+    """The class that defines the ``arch_zoo`` ``cls`` builds from."""
+    for base in cls.__mro__:
+        if base.__dict__.get('arch_zoo'):
+            return base
+    return None
+
+
+def _named_archs(owner: type) -> Dict[str, dict]:
+    """One name per distinct setting of ``owner.arch_zoo`` (the longest
+    alias: 'small' rather than 's')."""
+    names: Dict[str, dict] = {}
+    for alias, settings in owner.arch_zoo.items():
+        same = [n for n, s in names.items() if s == settings]
+        if not same:
+            names[alias] = settings
+        elif len(alias) > len(same[0]):
+            names[alias] = names.pop(same[0])
+    return names
+
+
+class _MetaFactories(TorchFunctionMode):
+    """Creates tensors on the meta device (no memory, no init cost) except
+    ``torch.linspace``, which constructors read back as numbers (the
+    stochastic-depth schedule)."""
+
+    def __init__(self, factories: set) -> None:
+        super().__init__()
+        self.factories = factories - {torch.linspace}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.factories and kwargs.get('device') is None:
+            kwargs['device'] = 'meta'
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_shapes(owner: type, arch: str) -> Dict[str, torch.Size]:
+    """Key -> shape of ``owner(arch=arch)``'s state dict, built on the meta
+    device where possible (on the CPU otherwise); cached, do not modify."""
+    from torch.utils import _device  # private, hence the fallback below
+    factories = getattr(_device, '_device_constructors', None)
+    if factories is not None:
+        try:
+            with _MetaFactories(factories()):
+                model = owner(arch=arch)
+            return {k: v.shape for k, v in model.state_dict().items()}
+        except (NotImplementedError, RuntimeError):
+            pass
+    return {k: v.shape for k, v in owner(arch=arch).state_dict().items()}
+
+
+def fitting_archs(cls: type, state: Dict[str, torch.Size],
+                  optional: Iterable[str] = ()) -> List[str]:
+    """Names of ``cls``'s known archs whose keys and shapes ``state`` fits.
+
+    Args:
+        cls (type): A backbone class with an ``arch_zoo``.
+        state (dict): Checkpoint key -> shape, unused keys already dropped.
+        optional (Iterable[str]): Patterns of keys that may be absent or
+            extra (output norms). Defaults to ().
+
+    Returns:
+        list[str]: e.g. ``['small']``; empty when none fits or ``cls`` has
+        no ``arch_zoo``.
+    """
+    owner = _arch_owner(cls)
+    if owner is None:
+        return []
+    is_optional = _matcher(optional)
+    fits = []
+    for name in _named_archs(owner):
+        diff = _compare(state, _arch_shapes(owner, name), is_optional)
+        if not (diff.missing or diff.unexpected or diff.mismatched):
+            fits.append(name)
+    return fits
+
+
+def _arch_of(module: nn.Module) -> str:
+    owner = _arch_owner(type(module))
+    settings = getattr(module, 'arch_settings', None)
+    if owner is not None and settings is not None:
+        for name, known in _named_archs(owner).items():
+            if known == settings:
+                return f"arch '{name}'"
+        return 'a custom arch'
+    return 'this module'
+
+
+def _misfit_message(module: nn.Module, path: str, diff: _Mismatch,
+                    state: StateDict, own: StateDict,
+                    optional: Iterable[str]) -> str:
+    name = type(module).__name__
+    parts = [f'{path} does not fit this {name} ({_arch_of(module)}):']
+    if diff.missing:
+        parts.append(f'{len(diff.missing)} missing keys '
+                     f'({_short_list(diff.missing)});')
+    if diff.unexpected:
+        parts.append(f'{len(diff.unexpected)} unexpected keys '
+                     f'({_short_list(diff.unexpected)});')
+    if diff.mismatched:
+        key = diff.mismatched[0]
+        parts.append(f'{len(diff.mismatched)} of another shape (first '
+                     f'{key!r}: {tuple(state[key].shape)} in the checkpoint, '
+                     f'{tuple(own[key].shape)} here; the checkpoint is of '
+                     'another architecture);')
+    fits = fitting_archs(type(module),
+                         {k: v.shape for k, v in state.items()}, optional)
+    owner = _arch_owner(type(module))
+    if fits:
+        parts.append(f'it is a checkpoint of {owner.__name__} arch '
+                     f"{fits[0]!r}: build the backbone with arch={fits[0]!r} "
+                     'or give the checkpoint of this arch.')
+    elif owner is not None:
+        parts.append(f'it fits none of the known {owner.__name__} archs '
+                     f'({", ".join(_named_archs(owner))}).')
+    parts.append("To load only the tensors that fit, on purpose, use "
+                 "init_cfg=dict(type='Pretrained', checkpoint=..., "
+                 'strict=False).')
+    return ' '.join(parts)
+
+
 def load_pretrained(module: nn.Module,
                     path: str,
                     ignore: Iterable[str] = (),
                     convert: Optional[Callable[[StateDict], StateDict]] = None,
-                    prefix: str = 'backbone.') -> LoadReport:
+                    prefix: str = 'backbone.',
+                    optional: Iterable[str] = (),
+                    strict: bool = True,
+                    safe_globals: Sequence[Union[str, Callable]] = ()
+                    ) -> LoadReport:
     """Load a pretrained checkpoint into ``module`` and log one report.
 
     Args:
         module (nn.Module): The backbone to fill.
-        path (str): Checkpoint file.
-        ignore (Iterable[str]): Regular expressions (full match) of keys the
-            module does not use by design (a classifier head, derived
-            tables); they are dropped and counted, not reported as
-            unexpected.
+        path (str): Checkpoint file or address (see
+            :func:`load_checkpoint_file`).
+        ignore (Iterable[str]): Regular expressions (full match) of
+            checkpoint keys the module does not use by design (a classifier
+            head, derived tables); they are dropped silently.
+            Defaults to ().
         convert (callable, optional): Renames or reshapes the state dict
-            before matching (the model's converter).
+            before matching (the model's converter). Defaults to None.
         prefix (str): Prefix of the backbone's keys inside a detector
             checkpoint. Defaults to ``'backbone.'``.
+        optional (Iterable[str]): Patterns of keys that may be absent from
+            the checkpoint (left at their init) or extra in it (dropped):
+            the output norms, which ImageNet files lack. Defaults to ().
+        strict (bool): Refuse a checkpoint with any other missing,
+            unexpected or reshaped key. False loads what fits and logs the
+            rest at WARNING. Defaults to True.
+        safe_globals (Sequence[str | callable]): Passed to
+            :func:`load_checkpoint_file`. Defaults to ().
+
+    Returns:
+        LoadReport: The keys loaded, missing, unexpected, ignored, left
+        fresh and of another shape.
 
     Raises:
-        FileNotFoundError / ValueError: missing or empty path, no tensors.
-        RuntimeError: no key fits the module, or a shape differs (the
-            message names the file and the first such key).
+        FileNotFoundError, ValueError, CheckpointError: see
+            :func:`load_checkpoint_file`.
+        CheckpointError: no tensor fits the module; or, with ``strict``,
+            some key does not fit (the message names the counts, the first
+            keys and the arch the checkpoint fits, if any).
     """
     name = type(module).__name__
-    state = select_state_dict(load_checkpoint_file(path), path, prefix)
+    state = select_state_dict(load_checkpoint_file(path, safe_globals), path,
+                              prefix)
     if convert is not None:
         state = convert(state)
-    patterns = [re.compile(p) for p in ignore]
-    ignored = [k for k in state if any(p.fullmatch(k) for p in patterns)]
-    state = {k: v for k, v in state.items() if k not in set(ignored)}
+    is_ignored = _matcher(ignore)
+    ignored = [k for k in state if is_ignored(k)]
+    state = {k: v for k, v in state.items() if not is_ignored(k)}
     own = module.state_dict()
-    loaded = [k for k in state if k in own]
+    diff = _compare({k: v.shape for k, v in state.items()},
+                    {k: v.shape for k, v in own.items()}, _matcher(optional))
+    loaded = [k for k in state if k in own and k not in diff.mismatched]
     if not loaded:
         first = next(iter(state), '<none>')
-        raise RuntimeError(
+        raise CheckpointError(
             f'{path}: none of its {len(state)} tensors belongs to {name} '
-            f'(first key {first!r}); is it a checkpoint of another model?')
-    for key in loaded:
-        if state[key].shape != own[key].shape:
-            raise RuntimeError(
-                f'{path}: {key!r} has shape {tuple(state[key].shape)} in the '
-                f'checkpoint but {tuple(own[key].shape)} in this {name}; '
-                'the checkpoint is of another architecture (check `arch`).')
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+            f'(first key {first!r}); is it a checkpoint of another model?',
+            path)
+    if strict and (diff.missing or diff.unexpected or diff.mismatched):
+        raise CheckpointError(
+            _misfit_message(module, path, diff, state, own, optional), path)
     module.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    print_log(
-        f'{name}: loaded {len(loaded)}/{len(own)} tensors from {path}; '
-        f'missing {len(missing)}: {_short_list(missing)}; '
-        f'unexpected {len(unexpected)}: {_short_list(unexpected)}; '
-        f'ignored {len(ignored)} unused by design',
-        logger='current', level=logging.INFO)
-    return LoadReport(loaded, missing, unexpected, ignored)
+    partial = bool(diff.missing or diff.unexpected or diff.mismatched)
+    message = (f'{name}: loaded {len(loaded)}/{len(own)} tensors from {path}'
+               f'; {len(diff.fresh)} left at their init by design '
+               f'({_short_list(diff.fresh)}); '
+               f'{len(ignored) + len(diff.extra)} unused by design')
+    if partial:
+        message += (f'; strict=False: missing {len(diff.missing)} '
+                    f'({_short_list(diff.missing)}), unexpected '
+                    f'{len(diff.unexpected)} '
+                    f'({_short_list(diff.unexpected)}), of another shape '
+                    f'{len(diff.mismatched)} '
+                    f'({_short_list(diff.mismatched)})')
+    print_log(message, logger='current',
+              level=logging.WARNING if partial else logging.INFO)
+    return LoadReport(loaded, diff.missing, diff.unexpected,
+                      ignored + diff.extra, diff.fresh, diff.mismatched)
 
 
+# ------------------------------------------------- MMEngine's own files
 def _checkpoint_getattr(obj, name: str):
     """``getattr`` as MMEngine checkpoints use it: only to rebuild the
     statistics methods a pickled ``HistoryBuffer`` keeps. Anything else is

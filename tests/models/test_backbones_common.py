@@ -1,12 +1,12 @@
 """Behaviour every backbone shares: shapes at any input size, gradients,
-freezing, gradient checkpointing, state-dict round trips, and the errors of
-pretrained loading."""
-import re
-
+freezing, input checks, gradient checkpointing, state-dict round trips, and
+the Triton backend against the PyTorch one (checkpoint loading is in
+tests/utils/test_checkpoint.py)."""
 import pytest
 import torch
 
 from mila_det.models.backbones import MILA, VMamba
+from tests.conftest import needs_triton
 
 BACKBONES = {
     'MILA': (MILA, dict(arch=dict(embed_dims=16, depths=(1, 1, 1, 1),
@@ -108,11 +108,60 @@ def test_frozen_stages(name, frozen):
     assert not model.patch_embed.training
     for i in range(4):
         assert model.layers[i].training == (i >= frozen)
-    # a frozen stage really does not learn
+    # a frozen stage really does not learn: no gradient, no change after an
+    # optimiser step (with weight decay, which would move any parameter it
+    # is given), and its BatchNorm statistics stay put
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1,
+                                  weight_decay=0.5)
     outs = model(torch.randn(2, 3, 40, 40))
     if frozen < 4:
-        sum(o.sum() for o in outs).backward()
-    assert all(p.grad is None for p in model.patch_embed.parameters())
+        sum(o.square().mean() for o in outs).backward()
+        optimizer.step()
+    frozen_names = [k for k in before
+                    if any(k.startswith(pre) for pre in prefixes)]
+    assert frozen_names
+    for pname, p in model.named_parameters():
+        frozen_param = any(pname.startswith(pre) for pre in prefixes)
+        assert (p.grad is None) == frozen_param, pname
+    after = model.state_dict()
+    for key in frozen_names:
+        assert torch.equal(after[key], before[key]), key
+    if frozen < 4:
+        assert any(not torch.equal(after[k], before[k]) for k in before
+                   if k not in frozen_names)
+
+
+@pytest.mark.parametrize('name', BACKBONES)
+def test_wrong_channel_count_is_named(name):
+    model = build(name)
+    with pytest.raises(ValueError, match=r'in_channels=3.*\(2, 4, 32, 32\)'):
+        model(torch.randn(2, 4, 32, 32))
+    four = build(name, in_channels=4).eval()
+    with torch.no_grad():
+        assert len(four(torch.randn(1, 4, 32, 32))) == 4
+
+
+def test_mila_norm_eval_and_norm_cfg():
+    """MILA's stem and downsampling BatchNorms stay in eval mode while
+    training (statistics untouched) unless norm_eval=False; norm_cfg picks
+    the norm (GroupNorm here) under the checkpoint's names."""
+    model = build('MILA')
+    model.train()
+    bns = [m for m in model.modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    stats = [m.running_mean.clone() for m in bns]
+    model(torch.randn(2, 3, 40, 40))
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats))
+    trained = build('MILA', norm_eval=False).train()
+    assert all(m.training for m in trained.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    gn = build('MILA', norm_cfg=dict(type='GN', num_groups=4)).eval()
+    assert isinstance(gn.patch_embed.conv1.norm, torch.nn.GroupNorm)
+    assert 'patch_embed.conv1.norm.weight' in gn.state_dict()
+    with torch.no_grad():
+        assert len(gn(torch.randn(1, 3, 40, 40))) == 4
 
 
 @pytest.mark.parametrize('name', BACKBONES)
@@ -146,71 +195,23 @@ def test_state_dict_round_trip(name, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_triton()
 @pytest.mark.parametrize('name', BACKBONES)
-def test_coco_checkpoint_loads(name, tmp_path):
-    source = build(name)
-    state = {f'backbone.{k}': v for k, v in source.state_dict().items()}
-    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 16, 1, 1)
-    path = tmp_path / 'mask_rcnn.pth'
-    torch.save({'state_dict': state, 'meta': {'epoch': 36}}, path)
-    model = build(name, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    model.init_weights()
-    for key, value in source.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value)
-
-
-@pytest.mark.parametrize('name', BACKBONES)
-def test_pretrained_errors_name_the_file_and_key(name, tmp_path):
-    def load(path):
-        build(name, init_cfg=dict(type='Pretrained',
-                                  checkpoint=path)).init_weights()
-
-    with pytest.raises(ValueError, match='path is empty'):
-        load('')
-    missing = tmp_path / 'nowhere' / 'weights.pth'
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        load(str(missing))
-    cls, args, _ = BACKBONES[name]
-    wider = {k: (v * 2 if k in ('embed_dims', 'dims') else v)
-             for k, v in args['arch'].items()}
-    path = tmp_path / 'wider.pth'
-    torch.save({'model': cls(arch=wider).state_dict()}, path)
-    with pytest.raises(RuntimeError, match=re.escape(str(path)) +
-                       r".*'patch_embed\..*another architecture"):
-        load(str(path))
-    path = tmp_path / 'resnet.pth'
-    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7)}},
-               path)
-    with pytest.raises(RuntimeError, match="first key 'conv1.weight'"):
-        load(str(path))
-
-
-class Opaque:
-    """A pickled object that weights_only=True refuses."""
-
-
-@pytest.mark.parametrize('name', BACKBONES)
-def test_pretrained_prefers_weights_only(name, tmp_path, monkeypatch):
-    source = build(name)
-    safe = tmp_path / 'safe.pth'
-    torch.save({'model': source.state_dict()}, safe)
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get('weights_only'))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, 'load', spy)
-    build(name, init_cfg=dict(type='Pretrained',
-                              checkpoint=str(safe))).init_weights()
-    assert calls == [True]
-    # a trusted file with other pickled objects still loads, after a warning
-    unsafe = tmp_path / 'with_objects.pth'
-    torch.save({'model': source.state_dict(), 'config': Opaque()}, unsafe)
-    calls.clear()
-    model = build(name, init_cfg=dict(type='Pretrained',
-                                      checkpoint=str(unsafe)))
-    model.init_weights()
-    assert calls == [True, False]
-    torch.testing.assert_close(model.state_dict(), source.state_dict())
+def test_triton_backend_matches_pytorch(name, monkeypatch):
+    """The whole backbone with every operator on its Triton kernels (in the
+    interpreter here) against the PyTorch paths: outputs and every
+    parameter's gradient, training mode, a non-square input."""
+    model = build(name).train()
+    x = torch.randn(1, 3, 24, 40)
+    results = []
+    for backend in ('torch', 'triton'):
+        monkeypatch.setenv('MILA_DET_BACKEND', backend)
+        outs = model(x)
+        loss = sum((o * o).mean() for o in outs)
+        results.append((outs, torch.autograd.grad(
+            loss, list(model.parameters()))))
+    (want, g_want), (got, g_got) = results
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for (pname, _), a, b in zip(model.named_parameters(), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=pname)

@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mila_det.models.layers import fused
+from mila_det.models.backbones import MILA, VMamba
+from mila_det.models.layers import MILABlock, VSSBlock, cpu_fusion
 from mila_det.models.layers.fused import (HAS_FUSED_CONV, can_fuse, conv2d_act,
                                           conv2d_add)
-from mila_det.models.layers.mila_block import MILABlock
-from mila_det.models.layers.vmamba_block import VSSBlock
 
 needs_fusion = pytest.mark.skipif(not HAS_FUSED_CONV,
                                   reason='this PyTorch has no oneDNN fusion')
@@ -107,27 +106,76 @@ def test_unknown_activation_is_named():
 
 @pytest.mark.parametrize('make_block, x_shape', [
     (lambda: MILABlock(16, 2), (2, 63, 16)),
-    (lambda: VSSBlock(16, ssm_ratio=1.0), (2, 16, 7, 9)),
-])
-def test_blocks_fused_equal_eager_and_keep_their_input(make_block, x_shape,
-                                                       monkeypatch):
-    """Inference (fused, sums written in place) against the same block with
-    gradients on (eager, out of place); the caller's tensor is unchanged."""
+    (lambda: VSSBlock(16, ssm_ratio=1.0), (2, 7, 9, 16)),
+], ids=['mila', 'vmamba'])
+def test_blocks_fused_equal_plain_and_keep_their_input(make_block, x_shape):
+    """Inference with the CPU switch on (fused, sums written in place)
+    against the plain computation (switch off), and against the block with
+    gradients on; the caller's tensor is unchanged."""
     torch.manual_seed(0)
     block = make_block().eval()
     x = torch.randn(x_shape)
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
     args = (x, (7, 9)) if x.dim() == 3 else (x, )
     kept = x.clone()
-    with torch.no_grad():
+    with torch.no_grad(), cpu_fusion(True):
         fast = block(*args)
     torch.testing.assert_close(x, kept, rtol=0, atol=0)
-    monkeypatch.setattr(fused, 'HAS_FUSED_CONV', False)
-    with torch.no_grad():
-        unfused = block(*args)
+    with torch.no_grad(), cpu_fusion(False):
+        plain = block(*args)
     slow = block(*args)  # gradients on: every sum out of place
     assert slow.requires_grad
-    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(unfused, slow.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(slow.detach(), plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x, kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: MILA(arch=dict(embed_dims=16, depths=(1, 2, 1, 1),
+                           num_heads=(1, 2, 2, 4))),
+    lambda: VMamba(arch=dict(dims=16, depths=(1, 2, 1, 1), ssm_ratio=2.0,
+                             d_state=1)),
+], ids=['mila', 'vmamba'])
+def test_backbones_with_and_without_the_switch(make):
+    """Whole backbones: eval outputs, and training-mode outputs and
+    gradients, the same with the CPU fast paths on and off."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, 45, 61)
+    model.eval()
+    with torch.no_grad():
+        with cpu_fusion(True):
+            fast = model(x)
+        with cpu_fusion(False):
+            plain = model(x)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    model.train()
+    grads = []
+    for enabled in (True, False):
+        torch.manual_seed(1)  # the same drop-path masks
+        with cpu_fusion(enabled):
+            outs = model(x)
+        loss = sum((o * o).mean() for o in outs)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_switch_off_is_the_plain_pytorch_composition(monkeypatch):
+    """With the switch off no oneDNN-specific op runs."""
+    calls = []
+    import mila_det.models.layers.fused as fused
+    for name in ('_POINTWISE', '_POINTWISE_'):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name:
+                            calls.append(_n) or _r(*a))
+    model = MILA(arch=dict(embed_dims=16, depths=(1, 1, 1, 1),
+                           num_heads=(1, 2, 2, 4))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), cpu_fusion(False):
+        model(x)
+    assert calls == []
+    if HAS_FUSED_CONV:
+        with torch.no_grad(), cpu_fusion(True):
+            model(x)
+        assert calls

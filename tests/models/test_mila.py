@@ -2,15 +2,14 @@
 authors' keywords and their ImageNet checkpoint layout (shared behaviour is
 in test_backbones_common.py)."""
 import importlib
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, MLLA
-from mila_det.models.backbones.mila import MILA_IGNORED_KEYS, ConvLayer
-from mila_det.models.layers.mila_block import TokenLinear, dwconv_tokens
+from mila_det.models.backbones.mila import ConvLayer
+from mila_det.models.layers import TokenLinear, dwconv_tokens
 from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
@@ -53,34 +52,66 @@ def test_arch_names_and_errors():
         MILA(arch=dict(depths=(1, 1, 1, 1)))
 
 
-def test_rope_table_is_cached_and_reused(monkeypatch):
-    la = importlib.import_module("mila_det.ops.linear_attention")
-    calls = []
-    real = la.build_rope_table
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    la._rope_table_cached.cache_clear()
-    monkeypatch.setattr(la, 'build_rope_table', counting)
+def test_rope_table_is_cached_and_reused():
+    """One table per stage grid, shared by all blocks and later calls."""
+    la = importlib.import_module('mila_det.ops.linear_attention')
+    la.ROPE_CACHE.clear()
     model = MILA(arch=dict(embed_dims=16, depths=(2, 2, 2, 2),
                            num_heads=(1, 1, 1, 1))).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 40, 56))
         model(torch.randn(1, 3, 40, 56))
-    # one table per stage size, for all blocks and both calls
-    assert len(calls) == 4
+    assert (la.ROPE_CACHE.misses, la.ROPE_CACHE.hits) == (4, 4)
     assert rope_table(10, 14, 16) is rope_table(10, 14, 16)
 
 
+def test_rope_cache_is_bounded_and_multiscale_training_does_not_thrash():
+    """Multi-scale training: COCO's 3x recipe resizes the short side to one
+    of 11 sizes (480..800), batches padded to a multiple of 32. Cycling
+    through those grids twice misses once per grid and stage (nothing
+    evicted inside the budget); a budget of a few tables evicts the oldest
+    and stays within its bytes."""
+    la = importlib.import_module('mila_det.ops.linear_attention')
+    grids = [(-(-short // 32) * 8, -(-(short * 5 // 3) // 32) * 8)
+             for short in range(480, 801, 32)]
+    cache = la.RopeTableCache()
+    for _ in range(2):
+        for h, w in grids:
+            for stage in range(4):
+                cache.get(-(-h // 2**stage), -(-w // 2**stage),
+                          64 * 2**stage, torch.device('cpu'))
+    assert cache.misses == 4 * len(grids)
+    assert cache.hits == 4 * len(grids)
+    small = la.RopeTableCache(max_bytes=40 * 2**20)  # a few stage-1 tables
+    for h, w in grids:
+        small.get(h, w, 64, torch.device('cpu'))
+        assert small.nbytes <= small.max_bytes
+    assert 0 < len(small.tables) < len(grids)
+    h, w = grids[-1]
+    assert (h, w, 64, torch.device('cpu')) in small.tables  # the newest
+
+
+def test_grid_rope_table_is_the_reference_table():
+    la = importlib.import_module('mila_det.ops.linear_attention')
+    for h, w, c in ((7, 9, 16), (1, 5, 4), (13, 2, 64)):
+        torch.testing.assert_close(la.grid_rope_table(h, w, c),
+                                   la.build_rope_table(h, w, c),
+                                   rtol=0, atol=0)
+
+
 def test_rope_table_from_inference_mode_usable_in_training():
+    """A table cached during inference_mode is a normal tensor: a training
+    step that reuses it runs its backward and every parameter gets a
+    gradient (an inference tensor saved for backward would raise)."""
     model = mini_mila()
     with torch.inference_mode():
         model.eval()(torch.randn(1, 3, 40, 56))
+    table = rope_table(10, 14, 16)
+    assert not table.is_inference()
     model.train()
     outs = model(torch.randn(1, 3, 40, 56))
     sum(o.sum() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_mlla_alias_accepts_official_keywords():
@@ -93,40 +124,6 @@ def test_mlla_alias_accepts_official_keywords():
 
 
 # ---------------------------------------------------------------- loading
-def _official_imagenet_state(model: MILA) -> dict:
-    """A state dict shaped like an official ImageNet release of ``model``."""
-    state = {k: v.clone() for k, v in model.state_dict().items()
-             if not re.match(r'norm\d\.', k)}
-    c = model.num_features[-1]
-    state['norm.weight'] = torch.ones(c)
-    state['norm.bias'] = torch.zeros(c)
-    state['head.weight'] = torch.zeros(1000, c)
-    state['head.bias'] = torch.zeros(1000)
-    for i, layer in enumerate(model.layers):
-        for j, _ in enumerate(layer.blocks):
-            state[f'layers.{i}.blocks.{j}.attn.rope.rotations'] = torch.zeros(
-                7, 7, model.num_features[i] // 2, 2)
-    return state
-
-
-def test_pretrained_imagenet_checkpoint(tmp_path):
-    source = mini_mila()
-    path = tmp_path / 'MLLA_mini.pth'
-    torch.save({'model': _official_imagenet_state(source), 'epoch': 300},
-               path)
-    model = mini_mila(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    from mila_det.utils.checkpoint import load_pretrained
-    report = load_pretrained(model, str(path), ignore=MILA_IGNORED_KEYS)
-    assert sorted(report.missing) == sorted(
-        f'norm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
-    assert report.unexpected == []
-    assert len(report.ignored) == 4 + 4  # head, final norm, 4 rope tables
-    model.init_weights()
-    for key, value in source.state_dict().items():
-        if not key.startswith('norm'):
-            torch.testing.assert_close(model.state_dict()[key], value)
-
-
 @pytest.mark.parametrize('arch', ['T', 'S', 'B'])
 def test_official_key_listing(arch):
     """Every official detection tensor but the derived RoPE tables exists

@@ -1,14 +1,14 @@
-"""VMamba-specific behaviour: the official fixtures, the authors' keywords
-and ImageNet checkpoint layout (shared behaviour is in
-test_backbones_common.py)."""
+"""VMamba-specific behaviour: the official fixtures and key listing, the
+SS2D block against its definition, float64 (shared behaviour is in
+test_backbones_common.py, checkpoint loading in
+tests/utils/test_checkpoint.py)."""
 import pytest
 import torch
 from torch.func import functional_call
 
-from mila_det.models.backbones import MM_VSSM, VMamba
-from mila_det.models.layers import Linear2d
+from mila_det.models.backbones import VMamba
+from mila_det.models.layers import TokenLinear
 from mila_det.models.layers.vmamba_block import SS2D
-from mila_det.utils.checkpoint import load_pretrained
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
 
@@ -50,27 +50,11 @@ def test_official_key_listing(arch, title):
     assert ours == listing
 
 
-def test_linear2d_loads_conv_shaped_weights():
-    layer = Linear2d(4, 6, bias=False)
+def test_token_linear_loads_conv_shaped_weights():
+    layer = TokenLinear(4, 6, bias=False)
     weight = torch.randn(6, 4, 1, 1)
     layer.load_state_dict({'weight': weight})
     torch.testing.assert_close(layer.weight, weight.flatten(1))
-
-
-def test_imagenet_checkpoint_drops_classifier(tmp_path):
-    arch = dict(dims=16, depths=(1, 1, 1, 1), ssm_ratio=1.0, d_state=1)
-    source = VMamba(arch=arch)
-    state = {k: v for k, v in source.state_dict().items()
-             if not k.startswith('outnorm')}
-    state['classifier.norm.weight'] = torch.ones(128)
-    state['classifier.head.weight'] = torch.zeros(1000, 128)
-    path = tmp_path / 'vssm_mini.pth'
-    torch.save({'model': state}, path)
-    model = VMamba(arch=arch)
-    report = load_pretrained(model, str(path), ignore=model.ignored_keys)
-    assert sorted(report.missing) == sorted(
-        f'outnorm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
-    assert report.unexpected == [] and len(report.ignored) == 2
 
 
 def test_d_state_must_be_positive():
@@ -79,70 +63,38 @@ def test_d_state_must_be_positive():
                          d_state=0))
 
 
-def test_mm_vssm_accepts_the_authors_config():
-    """Keys of the authors' mask_rcnn_vssm_fpn_coco_tiny config."""
-    model = MM_VSSM(
-        out_indices=(0, 1, 2, 3), pretrained='', dims=16,
-        depths=(1, 1, 1, 1), ssm_d_state=1, ssm_dt_rank='auto',
-        ssm_ratio=1.0, ssm_conv=3, ssm_conv_bias=False,
-        forward_type='v05_noz', mlp_ratio=4.0, downsample_version='v3',
-        patchembed_version='v2', drop_path_rate=0.2, norm_layer='ln2d',
-        embed_dims=96, num_heads=[3, 6, 12, 24], window_size=7)
-    assert model.num_features == [16, 32, 64, 128]
-    with pytest.raises(ValueError, match="forward_type='v05_noz'"):
-        MM_VSSM(dims=16, depths=(1, 1, 1, 1), forward_type='v2')
-
-
-@pytest.mark.parametrize('batch, d_state, ssm_ratio', [
-    (2, 1, 2.0), (1, 4, 1.0)], ids=['B2-N1', 'B1-N4'])
-def test_ss2d_token_major_path_matches_channel_first(batch, d_state,
-                                                     ssm_ratio):
-    """The CPU fast path of SS2D (token-major) against the authors' layout
-    on the naive references: outputs and every parameter's gradient, on a
-    7x9 map held channels-last as the backbone holds it."""
+def test_ss2d_is_the_operator_between_its_projections(monkeypatch):
+    """SS2D = out_proj(out_norm(cross_selective_scan(SiLU(conv(in_proj(x))))))
+    written out on the naive references, against the block under ``auto``
+    (the chunked path on CPU): outputs and every parameter's gradient, on a
+    7x9 map with batch 2."""
+    from mila_det.ops.cross_selective_scan import naive_cross_selective_scan
     torch.manual_seed(0)
-    block = SS2D(12, d_state=d_state, ssm_ratio=ssm_ratio)
+    block = SS2D(12, d_state=2, ssm_ratio=1.5)
     with torch.no_grad():  # move A, D and the norm off their init values
         for p in (block.A_logs, block.Ds, block.out_norm.weight):
             p.add_(torch.randn_like(p) * 0.3)
-    x = torch.randn(batch, 12, 7, 9).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    outs, grads = [], []
-    for path in (block._scan_tokens, block._scan_channel_first):
-        u = block.scan_input(x)
-        y = path(u)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        params = [x] + list(block.parameters())
-        outs.append(y)
-        grads.append(torch.autograd.grad((y * dy).sum(), params,
-                                         allow_unused=True))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    names = ['x'] + [n for n, _ in block.named_parameters()]
-    for name, got, want in zip(names, *grads):
-        if want is None:  # out_norm / out_proj are outside the paths
-            assert got is None, name
-            continue
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
-                                   msg=name)
+    x = torch.randn(2, 7, 9, 12, requires_grad=True)
 
+    def by_hand(x):
+        u = torch.nn.functional.conv2d(
+            (x @ block.in_proj.weight.T).permute(0, 3, 1, 2),
+            block.conv2d.weight, None, 1, 1, 1, block.d_inner)
+        y = naive_cross_selective_scan(
+            torch.nn.functional.silu(u), block.x_proj_weight,
+            block.dt_projs_weight, block.dt_projs_bias, block.A_logs,
+            block.Ds)
+        return block.out_proj.weight @ block.out_norm(y)[..., None]
 
-def test_forward_picks_the_path_by_backend(monkeypatch):
-    """auto on CPU runs the token-major path; forcing naive runs the
-    channel-first references; both give the same output."""
-    block = SS2D(8, ssm_ratio=1.0).eval()
-    calls = []
-    for name in ('_scan_tokens', '_scan_channel_first'):
-        original = getattr(block, name)
-        monkeypatch.setattr(block, name, lambda u, f=original, n=name:
-                            calls.append(n) or f(u))
-    x = torch.randn(1, 8, 5, 6)
-    with torch.no_grad():
-        fast = block(x)
-        monkeypatch.setenv('MILA_DET_BACKEND', 'naive')
-        slow = block(x)
-    assert calls == ['_scan_tokens', '_scan_channel_first']
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-
+    params = [x] + list(block.parameters())
+    want = by_hand(x)[..., 0]
+    got = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(got.shape)
+    for name, a, b in zip(['x'] + [n for n, _ in block.named_parameters()],
+                          torch.autograd.grad(got, params, dy),
+                          torch.autograd.grad(want, params, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_ss2d_float64_is_float64_throughout():
@@ -152,7 +104,7 @@ def test_ss2d_float64_is_float64_throughout():
     torch.manual_seed(0)
     block = SS2D(4, d_state=2, ssm_ratio=1.0).double()
     names = ('A_logs', 'Ds', 'dt_projs_bias')
-    x = torch.randn(1, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     values = tuple(getattr(block, n).detach().clone().requires_grad_()
                    for n in names)
 

@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from mila_det.ops import cross_merge, cross_scan
-from mila_det.ops.cross_scan import cross_merge_naive, cross_scan_naive
+from mila_det.ops.cross_scan import naive_cross_merge, naive_cross_scan
 from tests.conftest import needs_triton
 
 
 def test_routes_follow_the_spec():
     h, w = 3, 4
     x = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
-    y = cross_scan_naive(x)[0, :, 0]
+    y = naive_cross_scan(x)[0, :, 0]
     rows = [r * w + c for r in range(h) for c in range(w)]
     cols = [r * w + c for c in range(w) for r in range(h)]
     assert y[0].tolist() == rows
@@ -24,8 +24,8 @@ def test_routes_follow_the_spec():
 def test_merge_is_the_adjoint_of_scan(hw):
     x = torch.randn(2, 60, *hw, dtype=torch.float64)
     y = torch.randn(2, 4, 60, hw[0] * hw[1], dtype=torch.float64)
-    lhs = (cross_scan_naive(x) * y).sum()
-    rhs = (x.flatten(2) * cross_merge_naive(y, *hw)).sum()
+    lhs = (naive_cross_scan(x) * y).sum()
+    rhs = (x.flatten(2) * naive_cross_merge(y, *hw)).sum()
     torch.testing.assert_close(lhs, rhs)
 
 
@@ -34,13 +34,13 @@ def test_merge_is_the_adjoint_of_scan(hw):
                          ids=lambda s: f'{s[0]}x{s[1]}')
 def test_triton_scan_and_merge_match_reference(hw):
     x = torch.randn(2, 60, *hw, requires_grad=True)
-    y_ref, y_tri = cross_scan_naive(x), cross_scan(x, backend='triton')
+    y_ref, y_tri = naive_cross_scan(x), cross_scan(x, backend='triton')
     torch.testing.assert_close(y_tri, y_ref, rtol=0, atol=0)
     dy = torch.randn_like(y_ref)
     torch.testing.assert_close(torch.autograd.grad(y_tri, x, dy)[0],
                                torch.autograd.grad(y_ref, x, dy)[0])
     s = torch.randn(2, 4, 60, hw[0] * hw[1], requires_grad=True)
-    m_ref = cross_merge_naive(s, *hw)
+    m_ref = naive_cross_merge(s, *hw)
     m_tri = cross_merge(s, *hw, backend='triton')
     torch.testing.assert_close(m_tri, m_ref)
     dm = torch.randn_like(m_ref)

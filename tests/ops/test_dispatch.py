@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from mila_det.ops import resolve_backend
+from mila_det.ops import dispatch, resolve_backend
 from tests.conftest import REPO_ROOT
 
 
@@ -25,9 +25,25 @@ def test_environment_variable_forces_backend(monkeypatch):
 
 
 def test_forcing_triton_on_cpu_explains_the_fix(monkeypatch):
-    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    from mila_det.ops import _dispatch
+    monkeypatch.setattr(_dispatch, 'TRITON_INTERPRET', False)
+    monkeypatch.setattr(_dispatch, 'HAS_TRITON', True)
     with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
         resolve_backend('selective_scan', torch.zeros(1), 'triton')
+
+
+def test_dispatch_returns_the_chosen_implementation(monkeypatch):
+    impls = dict(naive=lambda: 'naive', torch=lambda: 'torch')
+    x = torch.zeros(1)
+    assert dispatch('op', x, None, impls)() == 'torch'
+    assert dispatch('op', x, 'naive', impls)() == 'naive'
+    from mila_det.ops import _dispatch
+    monkeypatch.setattr(_dispatch, 'HAS_TRITON', True)
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: True))
+    # no Triton kernel: auto stays on PyTorch; forcing it says so
+    assert dispatch('op', x, 'auto', impls)() == 'torch'
+    with pytest.raises(RuntimeError, match='no Triton kernel'):
+        dispatch('op', x, 'triton', impls)
 
 
 BLOCK_TRITON = '''
@@ -60,3 +76,68 @@ def test_package_works_without_triton():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith('ok')
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """Tensors report ``is_cuda`` and Triton imports, so ``auto`` picks the
+    Triton implementation; the kernel-failure cache starts empty."""
+    from mila_det.ops import _dispatch
+    monkeypatch.setattr(_dispatch, 'HAS_TRITON', True)
+    monkeypatch.setattr(_dispatch, '_TRIED', {})
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: True))
+    monkeypatch.delenv('MILA_DET_BACKEND', raising=False)
+
+
+class _BrokenBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, dy):
+        raise RuntimeError('PTX JIT compilation failed (on purpose)')
+
+
+@pytest.mark.parametrize('where', ['forward', 'backward'])
+def test_a_failing_kernel_falls_back_under_auto_and_raises_when_forced(
+        where, pretend_cuda):
+    calls = []
+
+    def kernel(x):
+        calls.append('triton')
+        if where == 'forward':
+            raise RuntimeError('out of resources: shared memory (on purpose)')
+        return _BrokenBackward.apply(x)
+
+    def plain(x):
+        calls.append('torch')
+        return x * 2
+
+    impls = dict(naive=plain, torch=plain, triton=kernel)
+    x = torch.randn(3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match='kernels of my_op failed.*'
+                      'on purpose') as record:
+        y = dispatch('my_op', x, None, impls)(x)
+        y.sum().backward()
+        dispatch('my_op', x, None, impls)(x)  # no second warning
+    assert len(record) == 1
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    assert calls[-2:] == ['torch', 'torch']
+    with pytest.raises(RuntimeError, match='on purpose'):
+        out = dispatch('my_op', x, 'triton', impls)(x)
+        out.sum().backward()
+
+
+def test_working_kernels_are_probed_once(pretend_cuda):
+    calls = []
+
+    def kernel(x):
+        calls.append('triton')
+        return x * 2
+
+    impls = dict(naive=None, torch=None, triton=kernel)
+    x = torch.randn(3, requires_grad=True)
+    for _ in range(3):
+        dispatch('ok_op', x, None, impls)(x)
+    assert calls == ['triton'] * 4  # one probe, three calls

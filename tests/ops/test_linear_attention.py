@@ -1,4 +1,5 @@
 """MILA linear attention: RoPE table, reference, Triton kernels, precision."""
+import importlib
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch.nn.functional as F
 
 from mila_det.ops import linear_attention, rope_table
 from mila_det.ops.linear_attention import (apply_rope, build_rope_table,
-                                           linear_attention_naive,
-                                           linear_attention_torch)
+                                           naive_linear_attention,
+                                           parallel_linear_attention)
 from tests.conftest import needs_triton, rel_err
 
 
@@ -63,7 +64,7 @@ def test_rope_rotates_channel_pairs():
 def test_reference_matches_a_dense_formula():
     """out = (rope(q) rope(k)^T / n) v / (q . mean k), per head."""
     q, k, v = qkv(1, 12, 16)
-    out = linear_attention_naive(q, k, v, 2, (3, 4))
+    out = naive_linear_attention(q, k, v, 2, (3, 4))
     table = build_rope_table(3, 4, 16)
     qr, kr = apply_rope(q, table), apply_rope(k, table)
     for h in range(2):
@@ -78,7 +79,7 @@ def test_reference_gradcheck_float64():
     q, k, v = qkv(1, 6, 8, dtype=torch.float64)
     table = build_rope_table(2, 3, 8).double()
     assert torch.autograd.gradcheck(
-        lambda a, b, c: linear_attention_naive(a, b, c, 2, table), (q, k, v))
+        lambda a, b, c: naive_linear_attention(a, b, c, 2, table), (q, k, v))
 
 
 @pytest.mark.parametrize('hw, channels, heads, batch', [
@@ -102,12 +103,13 @@ def test_torch_path_strided_inputs_and_float64():
     v = torch.randn(2, 12, 16, generator=g)
     table = build_rope_table(3, 4, 16)
     torch.testing.assert_close(
-        linear_attention_torch(q, k, v, 2, table),
-        linear_attention_naive(q, k, v, 2, table))
+        parallel_linear_attention(q, k, v, 2, table),
+        naive_linear_attention(q, k, v, 2, table))
     q, k, v = qkv(1, 6, 8, dtype=torch.float64)
     table = build_rope_table(2, 3, 8).double()
     assert torch.autograd.gradcheck(
-        lambda a, b, c: linear_attention_torch(a, b, c, 2, table), (q, k, v))
+        lambda a, b, c: parallel_linear_attention(a, b, c, 2, table),
+        (q, k, v))
 
 
 def test_torch_path_copies_no_full_size_tensor():
@@ -134,7 +136,7 @@ def test_torch_path_copies_no_full_size_tensor():
     v = torch.randn(1, n, c)
     table = rope_table(7, 9, c)
     with torch.no_grad(), CopyLog() as log:
-        out = linear_attention_torch(q, k, v, 4, table)
+        out = parallel_linear_attention(q, k, v, 4, table)
     assert out.is_contiguous()
     assert all(size < n * c for size in log.sizes), log.sizes
 
@@ -172,13 +174,36 @@ def test_half_precision_close_to_fp32(dtype):
 def test_triton_matches_reference(hw, channels, heads):
     n = hw[0] * hw[1]
     q, k, v = qkv(2, n, channels, seed=n)
-    want = linear_attention_naive(q, k, v, heads, hw)
+    want = naive_linear_attention(q, k, v, heads, hw)
     got = linear_attention(q, k, v, heads, hw, backend='triton')
     assert_close_with_grads(got, want, (q, k, v), 1e-4)
 
 
 @needs_triton()
-def test_triton_rejects_odd_head_dim():
+def test_triton_unsupported_inputs_run_in_pytorch_under_auto(monkeypatch):
+    """An odd head width and float64 have no Triton kernel: forcing Triton
+    says why; ``auto`` (on a device where it would pick Triton) runs PyTorch
+    instead of raising."""
+    from mila_det.ops import _dispatch
     q, k, v = qkv(1, 12, 12)
-    with pytest.raises(ValueError, match='head dim must be even'):
+    with pytest.raises(RuntimeError, match='head width must be even'):
         linear_attention(q, k, v, 4, (3, 4), backend='triton')
+    q64, k64, v64 = qkv(1, 12, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match='float64'):
+        linear_attention(q64, k64, v64, 2, (3, 4), backend='triton')
+    # Pretend the tensors are on CUDA, where auto would pick Triton.
+    la = importlib.import_module('mila_det.ops.linear_attention')
+    monkeypatch.setattr(_dispatch, 'HAS_TRITON', True)
+    monkeypatch.setattr(_dispatch, '_TRIED', {})
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: True))
+    ran = []
+    naive = la.IMPLS['naive']
+    monkeypatch.setitem(la.IMPLS, 'triton',
+                        lambda *a: ran.append('triton') or naive(*a))
+    monkeypatch.setitem(la.IMPLS, 'torch',
+                        lambda *a: ran.append('torch') or naive(*a))
+    for args in ((q, k, v, 4), (q64, k64, v64, 2)):
+        linear_attention(*args, (3, 4))
+    assert ran == ['torch', 'torch']
+    linear_attention(*qkv(1, 12, 8), 2, (3, 4))  # even, fp32: the kernel
+    assert ran[-1] == 'triton'

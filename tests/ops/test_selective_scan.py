@@ -5,9 +5,9 @@ import torch
 
 from mila_det.ops import selective_scan
 from mila_det.ops.selective_scan import (linear_recurrence,
-                                         selective_scan_chunked,
-                                         selective_scan_naive,
-                                         selective_scan_tokens)
+                                         chunk_selective_scan,
+                                         naive_selective_scan,
+                                         chunk_selective_scan_tokens)
 from tests.conftest import needs_triton, rel_err
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
@@ -33,7 +33,7 @@ def make_inputs(batch=2, groups=4, per_group=6, n_state=1, length=63,
 
 def check_against_reference(fn, atol_rel=1e-5, **shape):
     args = make_inputs(**shape)
-    want = selective_scan_naive(*args, delta_softplus=True)
+    want = naive_selective_scan(*args, delta_softplus=True)
     got = fn(*args, delta_softplus=True)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert rel_err(got, want) < atol_rel
@@ -52,24 +52,24 @@ def tokens(x, groups):
 
 
 def scan_tokens(u, delta, A, B, C, D, bias, **kwargs):
-    """:func:`selective_scan_tokens` (softplus on) on the channel-first
+    """:func:`chunk_selective_scan_tokens` (softplus on) on the channel-first
     arguments of :func:`make_inputs`; the result stays token-major."""
     groups = B.shape[1]
-    return selective_scan_tokens(tokens(u, groups), tokens(delta, groups), A,
-                                 B.transpose(2, 3), C.transpose(2, 3), D,
-                                 bias, delta_softplus=True, **kwargs)
+    return chunk_selective_scan_tokens(
+        tokens(u, groups), tokens(delta, groups), A, B.transpose(2, 3),
+        C.transpose(2, 3), D, bias, delta_softplus=True, **kwargs)
 
 
 @pytest.mark.parametrize('length', [1, 7, 63, 100, 257],
                          ids=lambda n: f'L{n}')
 @pytest.mark.parametrize('n_state', [1, 4], ids=lambda n: f'N{n}')
 def test_chunked_scan_matches_reference(length, n_state):
-    check_against_reference(selective_scan_chunked, length=length,
+    check_against_reference(chunk_selective_scan, length=length,
                             n_state=n_state)
 
 
 def test_chunked_scan_without_d_and_bias():
-    check_against_reference(selective_scan_chunked, with_d=False,
+    check_against_reference(chunk_selective_scan, with_d=False,
                             with_bias=False, length=40, n_state=2)
 
 
@@ -108,16 +108,16 @@ def test_linear_recurrence_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize('n_state', [1, 4], ids=lambda n: f'N{n}')
 def test_token_major_layout_is_the_transposed_channel_first(n_state):
-    """selective_scan_tokens on ``[B, G, L, Dg]`` = the reference on
+    """chunk_selective_scan_tokens on ``[B, G, L, Dg]`` = the reference on
     ``[B, G*Dg, L]``, transposed."""
     u, delta, A, B, C, D, bias = make_inputs(n_state=n_state, length=33)
     groups = B.shape[1]
     got = scan_tokens(u, delta, A, B, C, D, bias)
-    want = selective_scan_naive(u, delta, A, B, C, D, bias, True)
+    want = naive_selective_scan(u, delta, A, B, C, D, bias, True)
     assert rel_err(got, tokens(want, groups)) < 1e-5
     with pytest.raises(ValueError, match='B must be'):
-        selective_scan_tokens(tokens(u, groups), tokens(delta, groups), A, B,
-                              C)
+        chunk_selective_scan_tokens(tokens(u, groups), tokens(delta, groups),
+                                    A, B, C)
 
 
 @pytest.mark.parametrize('length', [1, 2, 33, 100], ids=lambda n: f'L{n}')
@@ -128,7 +128,7 @@ def test_reverse_scan_is_the_scan_of_the_flipped_sequence(length, n_state):
     u, delta, A, B, C, D, bias = make_inputs(n_state=n_state, length=length)
     groups = B.shape[1]
     got = scan_tokens(u, delta, A, B, C, D, bias, reverse=True)
-    want = selective_scan_naive(u.flip(-1), delta.flip(-1), A, B.flip(-1),
+    want = naive_selective_scan(u.flip(-1), delta.flip(-1), A, B.flip(-1),
                                 C.flip(-1), D, bias, True).flip(-1)
     assert rel_err(got, tokens(want, groups)) < 1e-5
     dy = torch.randn_like(want)
@@ -151,7 +151,7 @@ def test_public_function_uses_chunked_path_on_cpu():
     args = make_inputs(length=20)
     torch.testing.assert_close(
         selective_scan(*args, delta_softplus=True),
-        selective_scan_chunked(*args, delta_softplus=True))
+        chunk_selective_scan(*args, delta_softplus=True))
 
 
 def test_public_function_rejects_bad_shapes():
@@ -184,7 +184,7 @@ def test_triton_scan_without_d_and_bias():
 def test_recurrence_refuses_an_output_it_would_write_to_a_copy():
     """An ``out=`` buffer that cannot be viewed as ``[B * G, L, M]`` raises
     rather than receiving nothing (the states would go to a copy)."""
-    from mila_det.ops.selective_scan.cpu import _recurrence
+    from mila_det.ops.selective_scan.chunk import _recurrence
     a, b = torch.rand(2, 3, 5, 2, 4), torch.randn(2, 3, 5, 2, 4)
     want = _recurrence(a, b)
     scrambled = torch.empty(2, 3, 5, 4, 2).transpose(3, 4)

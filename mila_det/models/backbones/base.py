@@ -1,9 +1,11 @@
 """What MILA and VMamba share as MMDetection backbones: stage indices,
 freezing, and initialisation from an official checkpoint."""
+import re
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
 from mmengine.model.weight_init import trunc_normal_
 
 from mila_det.utils.checkpoint import load_pretrained
@@ -65,15 +67,47 @@ class StageBackbone(BaseModule):
     def _reset_parameters(self) -> None:
         raise NotImplementedError
 
+    @property
+    def optional_keys(self) -> Tuple[str, ...]:
+        """Checkpoint keys that may be absent (ImageNet files have no output
+        norms; they keep their init) or extra (norms of stages not in
+        ``out_indices``; dropped)."""
+        return (rf'{re.escape(self.norm_prefix)}\d+\.(weight|bias)', )
+
     def init_weights(self) -> None:
-        """Random init, or the checkpoint named by a ``Pretrained`` init_cfg
-        (official ImageNet or COCO files; see
-        :func:`mila_det.utils.checkpoint.load_pretrained`)."""
+        """Random init, or the checkpoint named by a ``Pretrained`` init_cfg.
+
+        ``init_cfg=dict(type='Pretrained', checkpoint=...)`` takes, besides
+        ``checkpoint`` (a path or an ``https://``, ``open-mmlab://``...
+        address):
+
+        - ``prefix``: key prefix of the backbone inside a detector
+          checkpoint. Defaults to ``'backbone.'``.
+        - ``strict``: False loads only the tensors that fit and logs the
+          rest at WARNING. Defaults to True: any missing or unexpected key
+          is an error naming the arch the file fits.
+        - ``safe_globals``: dotted names of classes a trusted file may
+          unpickle besides tensors. Defaults to none.
+        - ``map_location``: accepted as MMEngine's ``Pretrained`` takes it;
+          the file is read onto the CPU either way.
+
+        See :func:`mila_det.utils.checkpoint.load_pretrained`.
+        """
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            known = {'type', 'checkpoint', 'prefix', 'strict',
+                     'safe_globals', 'map_location'}
+            if set(cfg) - known:
+                raise ValueError(
+                    f'{type(self).__name__}: unknown Pretrained init_cfg '
+                    f'keys {sorted(set(cfg) - known)}; known: '
+                    f'{sorted(known)}')
             load_pretrained(self, cfg.get('checkpoint'),
                             ignore=self.ignored_keys,
-                            prefix=cfg.get('prefix', 'backbone.'))
+                            prefix=cfg.get('prefix', 'backbone.'),
+                            optional=self.optional_keys,
+                            strict=cfg.get('strict', True),
+                            safe_globals=cfg.get('safe_globals', ()))
             self._is_init = True
         elif cfg is None:
             self._reset_parameters()
@@ -97,7 +131,21 @@ class StageBackbone(BaseModule):
             for p in m.parameters():
                 p.requires_grad = False
 
+    def _check_input(self, x) -> None:
+        """Images must be ``[B, in_channels, H, W]``."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'{type(self).__name__} expects images [B, '
+                f'{self.in_channels}, H, W] (in_channels={self.in_channels}),'
+                f' got shape {tuple(x.shape)}')
+
     def train(self, mode: bool = True) -> 'StageBackbone':
+        """Training mode, keeping frozen stages (and, with ``norm_eval``,
+        every BatchNorm) in eval mode."""
         super().train(mode)
         self._freeze_stages()
+        if mode and getattr(self, 'norm_eval', False):
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
         return self

@@ -9,18 +9,21 @@ multiple of 4, downsampling pads odd maps, and the 2-D RoPE table is built
 for the actual grid of every stage (once per size, then cached).
 """
 import copy
+from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
 from mmdet.registry import MODELS
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mila_det.ops import rope_table
 from ..layers import MILABlock
-from ..layers.fused import conv2d_act
+from ..layers.fused import can_fold, conv2d_act
 from .base import StageBackbone, init_linear_and_norms
 
 # Tensors of official checkpoints that a detection backbone does not use:
@@ -31,12 +34,14 @@ MILA_IGNORED_KEYS = (r'head\..*', r'norm\.(weight|bias)',
 
 
 class ConvLayer(nn.Module):
-    """Conv2d, then BatchNorm2d (``norm``) and ReLU (``act``) if asked.
+    """Conv2d, then a norm (``norm``, BatchNorm2d unless ``norm_cfg`` says
+    otherwise) and ReLU (``act``) if asked.
 
-    In eval mode the norm is an affine map and is folded into the conv's
-    weight and bias on the fly (one pass over the map fewer; the FLOP
-    counter, tracing the model, still sees the BatchNorm), and the ReLU
-    runs inside the conv where :func:`~..layers.fused.conv2d_act` can.
+    In eval mode the norm is an affine map; where
+    :func:`~..layers.fused.can_fold` it is folded into the conv's weight and
+    bias on the fly (the FLOP counter, tracing the model, still sees the
+    BatchNorm), and the ReLU runs inside the conv where
+    :func:`~..layers.fused.conv2d_act` can.
     """
 
     def __init__(self,
@@ -48,18 +53,20 @@ class ConvLayer(nn.Module):
                  groups: int = 1,
                  bias: bool = True,
                  norm: bool = True,
-                 act: bool = True) -> None:
+                 act: bool = True,
+                 norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride,
                               padding, groups=groups, bias=bias)
-        self.norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.norm = (build_norm_layer(norm_cfg or dict(type='BN'),
+                                      out_channels)[1] if norm else None)
         self.act = nn.ReLU(inplace=True) if act else None
 
     def forward(self, x: Tensor) -> Tensor:
         norm, conv = self.norm, self.conv
         act = 'relu' if self.act is not None else None
-        if (norm is not None and not norm.training
-                and norm.running_var is not None
+        if (isinstance(norm, _BatchNorm) and not norm.training
+                and norm.running_var is not None and can_fold(x)
                 and not torch.jit.is_tracing()):
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
             bias = norm.bias - norm.running_mean * scale
@@ -80,16 +87,17 @@ class Stem(nn.Module):
     The image is zero-padded at the right and bottom to a multiple of 4.
     """
 
-    def __init__(self, in_channels: int, embed_dims: int) -> None:
+    def __init__(self, in_channels: int, embed_dims: int,
+                 norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         half = embed_dims // 2
-        self.conv1 = ConvLayer(in_channels, half, 3, 2, 1, bias=False)
-        self.conv2 = nn.Sequential(
-            ConvLayer(half, half, 3, 1, 1, bias=False),
-            ConvLayer(half, half, 3, 1, 1, bias=False, act=False))
+        conv = partial(ConvLayer, bias=False, norm_cfg=norm_cfg)
+        self.conv1 = conv(in_channels, half, 3, 2, 1)
+        self.conv2 = nn.Sequential(conv(half, half, 3, 1, 1),
+                                   conv(half, half, 3, 1, 1, act=False))
         self.conv3 = nn.Sequential(
-            ConvLayer(half, embed_dims * 4, 3, 2, 1, bias=False),
-            ConvLayer(embed_dims * 4, embed_dims, 1, bias=False, act=False))
+            conv(half, embed_dims * 4, 3, 2, 1),
+            conv(embed_dims * 4, embed_dims, 1, act=False))
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -104,13 +112,14 @@ class PatchMerging(nn.Module):
     """Stride-2 downsample ``[B, C, H, W] -> [B, 2C, ceil(H/2), ceil(W/2)]``:
     1x1 expand to 8C, depthwise 3x3 stride 2, 1x1 project to 2C with BN."""
 
-    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, ratio: float = 4.0,
+                 norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         hidden = int(2 * dim * ratio)
         self.conv = nn.Sequential(
             ConvLayer(dim, hidden, 1, norm=False),
             ConvLayer(hidden, hidden, 3, 2, 1, groups=hidden, norm=False),
-            ConvLayer(hidden, 2 * dim, 1, act=False))
+            ConvLayer(hidden, 2 * dim, 1, act=False, norm_cfg=norm_cfg))
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -131,12 +140,14 @@ class MILALayer(nn.Module):
         drop_paths (Sequence[float]): Stochastic depth rate of each block.
         downsample (bool): Whether a :class:`PatchMerging` follows.
         with_cp (bool): Gradient checkpointing of each block.
+        norm_cfg (dict, optional): Norm of the downsample. Defaults to
+            BatchNorm2d.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, qkv_bias: bool,
                  drop_paths: Sequence[float], downsample: bool,
-                 with_cp: bool) -> None:
+                 with_cp: bool, norm_cfg: Optional[dict] = None) -> None:
         super().__init__()
         self.dim = dim
         self.with_cp = with_cp
@@ -144,7 +155,8 @@ class MILALayer(nn.Module):
             MILABlock(dim, num_heads, mlp_ratio, qkv_bias, drop_paths[i])
             for i in range(depth)
         ])
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = (PatchMerging(dim, norm_cfg=norm_cfg)
+                           if downsample else None)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """``x: [B, C, H, W]`` -> (stage output ``[B, C, H, W]``, input of
@@ -186,6 +198,12 @@ class MILA(StageBackbone):
             Defaults to -1.
         with_cp (bool): Gradient checkpointing in every block. Defaults to
             False.
+        norm_cfg (dict): Norm of the stem's and downsamplings' convolutions
+            (``dict(type='SyncBN')`` for synchronised statistics).
+            Defaults to ``dict(type='BN')``.
+        norm_eval (bool): Keep those norms in eval mode while training
+            (running statistics frozen, as MMDetection's ResNet does for
+            detection batches of two images). Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...)``
             loads an official ImageNet or COCO checkpoint (see
             :func:`mila_det.utils.checkpoint.load_pretrained`). Defaults to
@@ -211,9 +229,13 @@ class MILA(StageBackbone):
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN'),
+                 norm_eval: bool = True,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=copy.deepcopy(init_cfg))
         self.arch_settings = self._parse_arch(arch)
+        self.in_channels = in_channels
+        self.norm_eval = norm_eval
         embed_dims = self.arch_settings['embed_dims']
         depths = list(self.arch_settings['depths'])
         num_heads = list(self.arch_settings['num_heads'])
@@ -223,7 +245,7 @@ class MILA(StageBackbone):
                                               frozen_stages)
         self.frozen_stages = frozen_stages
 
-        self.patch_embed = Stem(in_channels, embed_dims)
+        self.patch_embed = Stem(in_channels, embed_dims, norm_cfg)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         for i in range(num_stages):
@@ -231,7 +253,8 @@ class MILA(StageBackbone):
             self.layers.append(
                 MILALayer(self.num_features[i], depths[i], num_heads[i],
                           mlp_ratio, qkv_bias, dpr[start:start + depths[i]],
-                          downsample=i < num_stages - 1, with_cp=with_cp))
+                          downsample=i < num_stages - 1, with_cp=with_cp,
+                          norm_cfg=norm_cfg))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._reset_parameters()
@@ -251,9 +274,7 @@ class MILA(StageBackbone):
         """``x: [B, 3, H, W]`` (any H, W) -> one ``[B, C_i, H_i, W_i]`` map per
         index in ``out_indices``; ``H_0 = ceil(H / 4)``, halving (rounded up)
         at each later stage."""
-        if x.dim() != 4:
-            raise ValueError(f'MILA expects images [B, C, H, W], got shape '
-                             f'{tuple(x.shape)}')
+        self._check_input(x)
         # Channels-last maps are token-major: stages read and write them as
         # [B, N, C] tokens without copies, and the convs run faster on them.
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))

@@ -16,7 +16,7 @@ import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS
 from torch import Tensor
 
-from ..layers.vmamba_block import LayerNorm2d, VSSBlock
+from ..layers import LayerNorm2d, VSSBlock
 from .base import StageBackbone, init_linear_and_norms
 
 # Official ImageNet tensors a detection backbone does not use.
@@ -43,12 +43,16 @@ class VMambaLayer(nn.Module):
             self.downsample = nn.Identity()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``x: [B, C, H, W]`` -> (stage output, next stage's input)."""
+        """``x: [B, C, H, W]`` -> (stage output, next stage's input). The
+        blocks see the map as tokens ``[B, H, W, C]`` (a view of its
+        channels-last memory)."""
+        tokens = x.permute(0, 2, 3, 1)
         for block in self.blocks:
-            if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, use_reentrant=False)
+            if self.with_cp and tokens.requires_grad:
+                tokens = cp.checkpoint(block, tokens, use_reentrant=False)
             else:
-                x = block(x)
+                tokens = block(tokens)
+        x = tokens.permute(0, 3, 1, 2)
         return x, self.downsample(x)
 
 
@@ -105,6 +109,7 @@ class VMamba(StageBackbone):
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        self.in_channels = in_channels
         settings = self._parse_arch(arch)
         for key, value in (('dims', dims), ('depths', depths),
                            ('ssm_ratio', ssm_ratio), ('d_state', d_state)):
@@ -159,9 +164,7 @@ class VMamba(StageBackbone):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """``x: [B, 3, H, W]`` -> one map per ``out_indices``, stage i at
         ``ceil(H / 2^(i+2)) x ceil(W / 2^(i+2))``."""
-        if x.dim() != 4:
-            raise ValueError(f'VMamba expects images [B, C, H, W], got shape '
-                             f'{tuple(x.shape)}')
+        self._check_input(x)
         # Channels-last memory (the layout stays NCHW): LayerNorm2d, the 1x1
         # and depthwise convs and the token-major scan then need no copies.
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
@@ -181,6 +184,30 @@ class MM_VSSM(VMamba):
     ``pretrained``; checks that ``forward_type``, ``downsample_version``,
     ``patchembed_version``, ``norm_layer`` and ``ssm_conv`` are the ones
     implemented; ignores the Swin keys their base config merges in.
+
+    Initialisation follows the authors' ``MM_VSSM``, which never passes an
+    ``init_cfg`` to MMEngine: the ``init_cfg`` their Swin base config merges
+    in (a Swin checkpoint URL) is dropped, never downloaded. ``pretrained``
+    alone names the checkpoint: a path or address loads it (strictly, see
+    :func:`mila_det.utils.checkpoint.load_pretrained`); ``''`` (their
+    configs' value) or None keeps the weights the constructor drew, and
+    ``init_weights`` leaves them as they are, as MMEngine does with the
+    authors' class. Use type ``VMamba`` for an MMDetection-style
+    ``init_cfg``.
+
+    Args:
+        ssm_d_state (int): State size N. Defaults to 1.
+        ssm_dt_rank (int | str): Rank of the step projection. Defaults to
+            ``'auto'``.
+        use_checkpoint (bool): Gradient checkpointing (or ``with_cp``).
+            Defaults to False.
+        pretrained (str, optional): Checkpoint to load in ``init_weights``;
+            ``''`` or None for none. Defaults to None.
+        dims (int | Sequence[int]): Widths. Defaults to 96.
+        depths (Sequence[int]): Blocks per stage. Defaults to (2, 2, 9, 2).
+        ssm_ratio (float): SSM inner width over C. Defaults to 2.0.
+        **kwargs: Other :class:`VMamba` arguments, and the authors' fixed
+            or Swin keys listed in ``_fixed`` / ``_swin_keys``.
     """
     _fixed = dict(forward_type='v05_noz', downsample_version='v3',
                   patchembed_version='v2', norm_layer='ln2d', ssm_conv=3,
@@ -188,12 +215,16 @@ class MM_VSSM(VMamba):
                   mlp_act_layer='gelu', posembed=False, gmlp=False)
     _swin_keys = ('embed_dims', 'num_heads', 'window_size', 'qkv_bias',
                   'qk_scale', 'drop_rate', 'attn_drop_rate', 'patch_norm',
-                  'convert_weights', 'in_chans', 'num_classes', 'ssm_drop_rate',
-                  'mlp_drop_rate', 'ssm_init', 'channel_first', 'imgsize')
+                  'convert_weights', 'in_chans', 'num_classes',
+                  'ssm_drop_rate', 'mlp_drop_rate', 'ssm_init',
+                  'channel_first', 'imgsize')
 
-    def __init__(self, ssm_d_state: int = 1, ssm_dt_rank='auto',
-                 use_checkpoint: bool = False, pretrained: Optional[str] = None,
-                 dims=96, depths=(2, 2, 9, 2), ssm_ratio: float = 2.0,
+    def __init__(self, ssm_d_state: int = 1,
+                 ssm_dt_rank: Union[int, str] = 'auto',
+                 use_checkpoint: bool = False,
+                 pretrained: Optional[str] = None,
+                 dims: Union[int, Sequence[int]] = 96,
+                 depths: Sequence[int] = (2, 2, 9, 2), ssm_ratio: float = 2.0,
                  **kwargs) -> None:
         for key, want in self._fixed.items():
             if key in kwargs and kwargs.pop(key) != want:
@@ -201,10 +232,39 @@ class MM_VSSM(VMamba):
                                  'implemented')
         for key in self._swin_keys:
             kwargs.pop(key, None)
-        if pretrained:
-            kwargs['init_cfg'] = dict(type='Pretrained', checkpoint=pretrained)
-        kwargs.setdefault('with_cp', use_checkpoint)
+        dropped = kwargs.pop('init_cfg', None)
+        init_cfg = (dict(type='Pretrained', checkpoint=pretrained)
+                    if pretrained else None)
+        # The Swin base sets with_cp=False; use_checkpoint must still count.
+        with_cp = bool(kwargs.pop('with_cp', False) or use_checkpoint)
         kwargs.setdefault('arch', dict(dims=dims, depths=depths,
                                        ssm_ratio=ssm_ratio,
                                        d_state=ssm_d_state))
-        super().__init__(dt_rank=ssm_dt_rank, **kwargs)
+        super().__init__(dt_rank=ssm_dt_rank, with_cp=with_cp,
+                         init_cfg=init_cfg, **kwargs)
+        self.pretrained = pretrained
+        self.dropped_init_cfg = dropped
+
+    def init_weights(self) -> None:
+        """Load ``pretrained`` if it names a checkpoint; otherwise keep the
+        constructor's weights (the authors' class is never re-initialised)
+        and say so when a config expected otherwise."""
+        if self.init_cfg is not None:
+            super().init_weights()
+            return
+        import logging
+
+        from mmengine.logging import print_log
+        if self.pretrained is not None or self.dropped_init_cfg:
+            note = ''
+            if self.dropped_init_cfg:
+                note = (f' The init_cfg it was given '
+                        f'({dict(self.dropped_init_cfg)}; in the authors\' '
+                        'configs, from their Swin base) is not used, as in '
+                        "the authors' MM_VSSM.")
+            print_log(
+                f'MM_VSSM: pretrained={self.pretrained!r} names no checkpoint'
+                ', so the backbone keeps its random init.' + note + ' Set '
+                'model.backbone.pretrained=PATH to load ImageNet weights.',
+                logger='current', level=logging.WARNING)
+        self._is_init = True

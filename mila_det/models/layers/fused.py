@@ -1,20 +1,28 @@
-"""Convolutions with their activation or residual add fused in, for CPU
-inference.
+"""The one switch for the CPU fast paths of the layers, and the fused
+convolutions behind it.
 
-oneDNN applies an element-wise activation, or adds a residual, to a
-convolution's output while it is still in cache, which saves the separate
-pass over the map that eager PyTorch makes (on this project's backbones:
-the GELU after ``mlp.fc1``, the SiLU gates, the ReLUs of MILA's
-convolutional stem, the residual add after ``mlp.fc2`` on both backbones and
-after MILA's ``out_proj``). PyTorch
-exposes that through ``torch.ops.mkldnn._convolution_pointwise``, the op its
-own compiler emits for frozen CPU graphs. It has no backward, so it is used
-only where no gradient is needed (fp32 CPU tensors, gradients off or not
-required, no autocast, not tracing); everywhere else, and on builds without
-it, the same computation runs as a convolution followed by the activation
-or the add.
+With the switch on (the default; ``MILA_DET_CPU_FUSION=0`` or
+:func:`set_cpu_fusion` turns it off) the layers take these CPU-only routes:
+
+- token projections run as oneDNN 1x1 convolutions on channels-last views
+  instead of MKL's linear (:func:`use_onednn_projection`);
+- where no gradient is needed (:func:`can_fuse`): a convolution's
+  activation or residual add runs inside it
+  (``torch.ops.mkldnn._convolution_pointwise``, the op PyTorch's own
+  compiler emits for frozen CPU graphs), residual sums are written into the
+  residual's memory;
+- always (:func:`can_fold`): an eval-mode BatchNorm is folded into the conv
+  before it, and ``x + dwconv(x)`` is one conv with the identity added to
+  its centre tap (both exact re-associations, gradients included).
+
+With it off, every layer computes the plain composition of PyTorch
+modules (``linear``, ``conv2d``, then the activation, the norm or the add).
+That plain path is the definition the tests compare the fast one with;
+other devices use it whatever the switch says.
 """
-from typing import Optional, Tuple, Union
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +46,59 @@ def _pair(x: Union[int, Tuple[int, int]]) -> list:
     return [x, x] if isinstance(x, int) else list(x)
 
 
+FUSION_ENV = 'MILA_DET_CPU_FUSION'
+_enabled = os.environ.get(FUSION_ENV, '1') != '0'
+
+
+def cpu_fusion_enabled() -> bool:
+    """Whether the CPU fast paths are on (see the module docstring)."""
+    return _enabled
+
+
+def set_cpu_fusion(enabled: bool) -> bool:
+    """Turn the CPU fast paths on or off; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+@contextmanager
+def cpu_fusion(enabled: bool) -> Iterator[None]:
+    """Run a block with the CPU fast paths on or off."""
+    previous = set_cpu_fusion(enabled)
+    try:
+        yield
+    finally:
+        set_cpu_fusion(previous)
+
+
+def use_onednn_projection(x: Tensor) -> bool:
+    """Whether a token projection of ``x`` runs as a oneDNN 1x1 conv (CPU,
+    fp32/bf16/fp16, not traced: the FLOP counter sees the linear)."""
+    return (_enabled and x.device.type == 'cpu' and x.dtype != torch.float64
+            and x.numel() > 0 and not torch.jit.is_tracing())
+
+
+def can_fold(x: Tensor) -> bool:
+    """Whether the re-associations that keep gradients exact (an eval-mode
+    BatchNorm folded into its conv, ``x + dwconv(x)`` as one conv) apply to
+    a layer on ``x``: the switch is on and ``x`` is on the CPU."""
+    return _enabled and x.device.type == 'cpu'
+
+
+def no_grad_needed(*tensors: Optional[Tensor]) -> bool:
+    """True when no gradient can flow into any of ``tensors``."""
+    return not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
 def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
-    """Whether :func:`conv2d_act` may run fused on these tensors (the fused
-    ops have no backward, so none of them may need a gradient)."""
-    needs_grad = (x.requires_grad or weight.requires_grad
-                  or (bias is not None and bias.requires_grad))
-    return (HAS_FUSED_CONV and x.device.type == 'cpu'
+    """Whether the inference fusions may run on these tensors: the switch is
+    on, they are fp32 on the CPU, none needs a gradient (the fused ops have
+    no backward), no autocast and no tracing."""
+    return (_enabled and x.device.type == 'cpu'
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and needs_grad)
+            and no_grad_needed(x, weight, bias)
             and not torch.is_autocast_enabled('cpu')  # it picks the dtype
             and not torch.jit.is_tracing())
 
@@ -74,7 +127,7 @@ def conv2d_act(x: Tensor,
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f'conv2d_act: act must be one of '
                          f'{sorted(ACTIVATIONS)} or None, got {act!r}')
-    if act is not None and can_fuse(x, weight, bias):
+    if act is not None and HAS_FUSED_CONV and can_fuse(x, weight, bias):
         _, attr, algorithm = ACTIVATIONS[act]
         return _POINTWISE(x, weight, bias, _pair(padding), _pair(stride),
                           [1, 1], groups, attr, [], algorithm)
@@ -91,9 +144,9 @@ def conv2d_add(residual: Tensor,
                groups: int = 1) -> Tensor:
     """``residual + conv2d(x, weight, bias)``.
 
-    When no gradient is needed the sum is written into ``residual``'s memory
-    (fused into the conv where :func:`can_fuse`), so pass a tensor that
-    nothing else reads afterwards.
+    Where :func:`can_fuse` the sum is written into ``residual``'s memory
+    (inside the conv when the build has it), so pass a tensor that nothing
+    else reads afterwards.
 
     Args:
         residual (Tensor): ``[B, C_out, H', W']``, the conv's output shape.
@@ -102,7 +155,8 @@ def conv2d_add(residual: Tensor,
     Returns:
         Tensor: ``[B, C_out, H', W']``.
     """
-    if can_fuse(x, weight, bias) and not residual.requires_grad:
+    fuse = can_fuse(x, weight, bias) and no_grad_needed(residual)
+    if fuse and HAS_FUSED_CONV:
         fmt = (torch.channels_last if x.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format)
         if (residual.dtype == torch.float32
@@ -111,6 +165,4 @@ def conv2d_add(residual: Tensor,
                                _pair(stride), [1, 1], groups, 'add', 1.0,
                                None, [], '')
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
-    if torch.is_grad_enabled() and (y.requires_grad or residual.requires_grad):
-        return residual + y
-    return residual.add_(y)
+    return residual.add_(y) if fuse else residual + y

@@ -7,96 +7,13 @@ MILA: "Demystify Mamba in Vision: A Linear Attention Perspective"
 """
 from typing import Optional, Tuple
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor
 
 from mila_det.ops import linear_attention
-from .fused import ACTIVATIONS, conv2d_act, conv2d_add
-
-
-def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
-                  residual: bool = False, act: Optional[str] = None) -> Tensor:
-    """Apply a depthwise conv to tokens ``x: [B, N, C]`` on their ``H x W`` map
-    (plus ``x`` itself if ``residual``), then ``act`` (see
-    :func:`~.fused.conv2d_act`) if given.
-
-    The tokens are handed to the conv as a channels-last view and its
-    (channels-last) output is read back as tokens, so no copy is made. The
-    residual joins the kernel's centre tap (``x + conv(x)`` is the conv with
-    weight ``w + identity``), which saves a pass over the tokens.
-    """
-    b, n, c = x.shape
-    x = x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
-    weight = conv.weight
-    if residual:
-        kh, kw = weight.shape[-2:]
-        if conv.groups != c or conv.stride != (1, 1) or conv.padding != (
-                kh // 2, kw // 2) or weight.shape[1] != 1 or not kh % 2:
-            raise ValueError('dwconv_tokens: the residual form needs a '
-                             'same-size depthwise conv with an odd kernel')
-        weight = weight.clone()
-        weight[:, 0, kh // 2, kw // 2] += 1.0
-    if conv.dilation != (1, 1):
-        raise ValueError('dwconv_tokens: dilated convs are not supported')
-    y = conv2d_act(x, weight, conv.bias, act, conv.stride, conv.padding,
-                   conv.groups)
-    return y.permute(0, 2, 3, 1).reshape(b, n, c)
-
-
-class TokenLinear(nn.Linear):
-    """``nn.Linear`` on tokens ``[..., C]`` (same parameters, same result)
-    that runs as a 1x1 convolution on CPU.
-
-    PyTorch's CPU linear calls MKL's sgemm, which runs the narrow token
-    projections of these backbones (C = 64 ... 512) at 50-90% of the speed
-    of oneDNN's 1x1 convolution on the same numbers (measured on an AMD EPYC,
-    2 threads); the tokens are handed to the conv as a channels-last view,
-    so nothing is copied. Traced (as the FLOP counter does), it is the
-    linear it stands for. ``forward(x, act)`` applies an activation too
-    (fused into the conv where :func:`~.fused.conv2d_act` can).
-    """
-
-    def forward(self, x: Tensor, act: Optional[str] = None,
-                residual: Optional[Tensor] = None) -> Tensor:
-        """``act(linear(x))``, or ``residual + linear(x)`` (``act`` unset);
-        ``residual`` (``[..., out_features]``) may be overwritten."""
-        if act is not None and residual is not None:
-            raise ValueError('TokenLinear: give act or residual, not both')
-        if (x.device.type != 'cpu' or x.dtype == torch.float64
-                or x.numel() == 0 or torch.jit.is_tracing()):
-            y = super().forward(x)
-            if residual is not None:
-                return residual + y
-            return y if act is None else ACTIVATIONS[act][0](y)
-        lead = x.shape[:-1]
-
-        def as_map(t: Tensor) -> Tensor:  # [..., C] -> [1, C, T, 1] NHWC
-            return t.reshape(1, -1, 1, t.shape[-1]).permute(0, 3, 1, 2)
-
-        weight = self.weight[:, :, None, None]
-        if residual is None:
-            y = conv2d_act(as_map(x), weight, self.bias, act)
-        else:
-            y = conv2d_add(as_map(residual), as_map(x), weight, self.bias)
-        return y.permute(0, 2, 3, 1).reshape(*lead, self.out_features)
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with exact GELU (``fc1``: C -> hidden, ``fc2``: hidden
-    -> C)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = TokenLinear(dim, hidden_dim)
-        self.fc2 = TokenLinear(hidden_dim, dim)
-
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``x: [..., C]`` -> ``[..., C]``, plus ``residual`` if given (which
-        may be overwritten)."""
-        return self.fc2(self.fc1(x, act='gelu'), residual=residual)
+from .common import Mlp, TokenLinear, dwconv_tokens
 
 
 class LinearAttention(nn.Module):
@@ -177,16 +94,10 @@ class MILABlock(nn.Module):
         """Args: ``x: [B, N, C]``, ``hw = (H, W)`` with ``H * W == N``,
         ``rope: [N, C/2, 2]``. Returns ``[B, N, C]``."""
         x = dwconv_tokens(self.cpe1, x, hw, residual=True)
-        shortcut = x
-        x = self.norm1(x)
-        gate = self.act_proj(x, act='silu')
-        x = dwconv_tokens(self.dwc, self.in_proj(x), hw, act='silu')
-        x = self.attn(x, hw, rope)
-        if self.training:  # stochastic depth on the branches
-            x = shortcut + self.drop_path(self.out_proj(x * gate))
-            x = dwconv_tokens(self.cpe2, x, hw, residual=True)
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        # Both shortcuts are fresh conv outputs: the sums may reuse them.
-        x = self.out_proj(x * gate, residual=shortcut)
+        n = self.norm1(x)
+        gate = self.act_proj(n, act='silu')
+        a = dwconv_tokens(self.dwc, self.in_proj(n), hw, act='silu')
+        a = self.attn(a, hw, rope)
+        x = self.out_proj(a * gate, residual=x, drop_path=self.drop_path)
         x = dwconv_tokens(self.cpe2, x, hw, residual=True)
-        return self.mlp(self.norm2(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x, drop_path=self.drop_path)

@@ -9,11 +9,28 @@ from typing import Optional
 
 from torch import Tensor
 
-from .._dispatch import resolve_backend
-from .naive import cross_merge_naive, cross_scan_naive
+from .._dispatch import dispatch
+from .naive import naive_cross_merge, naive_cross_scan
 
-__all__ = ['cross_scan', 'cross_merge', 'cross_scan_naive',
-           'cross_merge_naive']
+__all__ = ['cross_scan', 'cross_merge', 'naive_cross_scan',
+           'naive_cross_merge']
+
+
+def triton_cross_scan(x: Tensor) -> Tensor:
+    from .triton import CrossScanFunction
+    return CrossScanFunction.apply(x)
+
+
+def triton_cross_merge(y: Tensor, height: int, width: int) -> Tensor:
+    from .triton import CrossMergeFunction
+    return CrossMergeFunction.apply(y, height, width)
+
+
+# The reference is also the PyTorch path (it is a few views and one copy).
+SCAN_IMPLS = dict(naive=naive_cross_scan, torch=naive_cross_scan,
+                  triton=triton_cross_scan)
+MERGE_IMPLS = dict(naive=naive_cross_merge, torch=naive_cross_merge,
+                   triton=triton_cross_merge)
 
 
 def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -22,10 +39,7 @@ def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
     if x.dim() != 4:
         raise ValueError(f'cross_scan expects [B, C, H, W], got '
                          f'{tuple(x.shape)}')
-    if resolve_backend('cross_scan', x, backend) == 'triton':
-        from .triton import CrossScanFunction
-        return CrossScanFunction.apply(x)
-    return cross_scan_naive(x)
+    return dispatch('cross_scan', x, backend, SCAN_IMPLS)(x)
 
 
 def cross_merge(y: Tensor, height: int, width: int,
@@ -34,7 +48,4 @@ def cross_merge(y: Tensor, height: int, width: int,
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != height * width:
         raise ValueError(f'cross_merge expects [B, 4, C, {height * width}], '
                          f'got {tuple(y.shape)}')
-    if resolve_backend('cross_merge', y, backend) == 'triton':
-        from .triton import CrossMergeFunction
-        return CrossMergeFunction.apply(y, height, width)
-    return cross_merge_naive(y, height, width)
+    return dispatch('cross_merge', y, backend, MERGE_IMPLS)(y, height, width)

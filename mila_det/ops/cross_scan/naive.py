@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 
-def cross_scan_naive(x: Tensor) -> Tensor:
+def naive_cross_scan(x: Tensor) -> Tensor:
     """``x: [B, C, H, W]`` -> ``[B, 4, C, L]`` along the four routes."""
     b, c, h, w = x.shape
     rows = x.flatten(2)
@@ -16,10 +16,10 @@ def cross_scan_naive(x: Tensor) -> Tensor:
     return torch.stack([rows, cols, rows.flip(-1), cols.flip(-1)], dim=1)
 
 
-def cross_merge_naive(y: Tensor, height: int, width: int) -> Tensor:
+def naive_cross_merge(y: Tensor, height: int, width: int) -> Tensor:
     """``y: [B, 4, C, L]`` -> ``[B, C, L]`` (row-major): each route mapped
     back to its pixel and the four summed. The adjoint of
-    :func:`cross_scan_naive`."""
+    :func:`naive_cross_scan`."""
     b, k, c, length = y.shape
     if k != 4 or length != height * width:
         raise ValueError(f'cross_merge: expected [B, 4, C, {height * width}],'

@@ -1,46 +1,124 @@
 """MILA's linear attention: the public function models call.
 
 The backend is chosen in :mod:`mila_det.ops._dispatch`: Triton kernels
-(:mod:`.triton`) on CUDA, else the PyTorch path of :mod:`.cpu` (``naive``
-runs the step-by-step reference of :mod:`.naive`); all keep the d x d state,
-the token sums and the normaliser in fp32.
+(:mod:`.triton`) on CUDA, else the whole-sequence matmul form of
+:mod:`.parallel` (``naive`` runs the definition in :mod:`.naive`); all keep
+the d x d state, the token sums and the normaliser in fp32. The Triton
+kernels take even head widths and fp32/bf16/fp16; ``auto`` runs other inputs
+in PyTorch.
 """
-import functools
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve_backend
-from .cpu import linear_attention_torch
-from .naive import apply_rope, build_rope_table, linear_attention_naive
+from .._dispatch import dispatch
+from .naive import apply_rope, build_rope_table, naive_linear_attention
+from .parallel import parallel_linear_attention
 
 __all__ = [
     'linear_attention', 'rope_table', 'apply_rope', 'build_rope_table',
-    'linear_attention_naive', 'linear_attention_torch'
+    'grid_rope_table', 'RopeTableCache', 'ROPE_CACHE',
+    'naive_linear_attention', 'parallel_linear_attention'
 ]
 
 
-@functools.lru_cache(maxsize=64)
-def _rope_table_cached(height: int, width: int, channels: int,
-                       device: torch.device) -> Tensor:
-    return build_rope_table(height, width, channels, device=device)
+def triton_linear_attention(q, k, v, num_heads, rope, eps):
+    """The Triton kernels (imported on first use)."""
+    from .triton import LinearAttentionFunction
+    return LinearAttentionFunction.apply(q, k, v, num_heads, rope, eps)
+
+
+IMPLS = dict(naive=naive_linear_attention, torch=parallel_linear_attention,
+             triton=triton_linear_attention)
+
+
+class RopeTableCache:
+    """Least-recently-used RoPE tables, bounded by their total size in bytes.
+
+    One table per ``(H, W, C, device)``; every block of a stage shares its
+    stage's table. A miss is cheap: the cosines and sines are computed per
+    axis (``(H + W) * C / 4`` angles) and expanded over the grid in one
+    write, so multi-scale training, which visits many grid sizes, pays one
+    pass over a stage's tokens per new size instead of evicting tables it
+    is about to reuse. ``hits`` and ``misses`` count lookups.
+
+    Args:
+        max_bytes (int): Budget for all cached tables. Defaults to 256 MiB
+            (a 1333 x 800 input's four MILA-B tables take about 50 MiB).
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.tables: 'OrderedDict[tuple, Tensor]' = OrderedDict()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+    def clear(self) -> None:
+        self.tables.clear()
+        self.hits = self.misses = 0
+
+    def get(self, height: int, width: int, channels: int,
+            device: torch.device) -> Tensor:
+        key = (height, width, channels, device)
+        table = self.tables.get(key)
+        if table is not None:
+            self.hits += 1
+            self.tables.move_to_end(key)
+            return table
+        self.misses += 1
+        table = grid_rope_table(height, width, channels, device)
+        self.tables[key] = table
+        size = table.numel() * table.element_size()
+        total = self.nbytes
+        while total > self.max_bytes and len(self.tables) > 1:
+            _, old = self.tables.popitem(last=False)
+            total -= old.numel() * old.element_size()
+        return table if size <= self.max_bytes else self.tables.pop(key)
+
+
+def grid_rope_table(height: int, width: int, channels: int,
+                    device: Union[torch.device, str, None] = None,
+                    base: float = 10000.0) -> Tensor:
+    """:func:`~.naive.build_rope_table` computed per axis: the angles of
+    rows and columns (float64, as there), then one expand over the grid."""
+    if channels % 4 != 0:
+        raise ValueError(f'2-D RoPE needs a channel count divisible by 4, '
+                         f'got {channels}')
+    quarter = channels // 4
+    f64 = dict(dtype=torch.float64, device=device)
+    theta = base**(-torch.arange(quarter, **f64) / quarter)
+
+    def cos_sin(n: int) -> Tensor:  # [n, C/4, 2]
+        angle = torch.arange(n, **f64)[:, None] * theta
+        return torch.stack([angle.cos(), angle.sin()], -1).float()
+
+    rows = cos_sin(height)[:, None].expand(height, width, quarter, 2)
+    cols = cos_sin(width)[None].expand(height, width, quarter, 2)
+    return torch.cat([rows, cols], dim=2).reshape(height * width,
+                                                  2 * quarter, 2)
+
+
+ROPE_CACHE = RopeTableCache()
 
 
 def rope_table(height: int, width: int, channels: int,
                device: Union[torch.device, str, None] = None) -> Tensor:
-    """The 2-D RoPE table ``[H*W, C/2, 2]`` for a grid, built once and cached.
+    """The 2-D RoPE table ``[H*W, C/2, 2]`` for a grid, from
+    :data:`ROPE_CACHE` (see :class:`RopeTableCache`).
 
-    Tables depend only on ``(H, W, C, device)``, so a backbone asks for one
-    per stage and every block of that stage shares it. The cache keeps the
-    64 most recent sizes (multi-scale training visits a few dozen).
+    A backbone asks for one per stage and every block of that stage shares
+    it.
     """
     device = torch.device(device if device is not None else 'cpu')
     # Built outside inference mode so a table first made during inference
     # can still be used by a later training step.
     with torch.inference_mode(False), torch.no_grad():
-        return _rope_table_cached(int(height), int(width), int(channels),
-                                  device)
+        return ROPE_CACHE.get(int(height), int(width), int(channels), device)
 
 
 def linear_attention(q: Tensor,
@@ -87,14 +165,11 @@ def linear_attention(q: Tensor,
         raise ValueError(f'linear_attention: RoPE table of shape '
                          f'{tuple(rope.shape)} does not fit N={n}, C={c}; '
                          f'expected {(n, c // 2, 2)}')
-    backend = resolve_backend('linear_attention', q, backend)
-    if backend == 'triton':
-        from .triton import LinearAttentionFunction
-        if (c // num_heads) % 2:
-            raise ValueError('linear_attention: the Triton kernel rotates '
-                             'channel pairs within a head, so the head dim '
-                             f'must be even (got {c // num_heads})')
-        return LinearAttentionFunction.apply(q, k, v, num_heads, rope, eps)
-    if backend == 'naive':
-        return linear_attention_naive(q, k, v, num_heads, rope, eps)
-    return linear_attention_torch(q, k, v, num_heads, rope, eps)
+    unsupported = None
+    if (c // num_heads) % 2:
+        unsupported = ('the kernel rotates channel pairs within a head, so '
+                       f'the head width must be even (got {c // num_heads})')
+    elif q.dtype == torch.float64:
+        unsupported = 'float64 inputs'
+    run = dispatch('linear_attention', q, backend, IMPLS, unsupported)
+    return run(q, k, v, num_heads, rope, eps)

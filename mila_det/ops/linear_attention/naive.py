@@ -63,7 +63,7 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     return out.reshape(b, n, c)
 
 
-def linear_attention_naive(q: Tensor,
+def naive_linear_attention(q: Tensor,
                            k: Tensor,
                            v: Tensor,
                            num_heads: int,

@@ -1,20 +1,35 @@
 """Selective scan (S6) with VMamba's grouped B and C: the public function.
 
 Backends (chosen in :mod:`mila_det.ops._dispatch`): Triton kernels on CUDA
-(:mod:`.triton`), and on every other device the chunked PyTorch scan of
-:mod:`.cpu`. Both accumulate states and outputs in fp32 and return fp32.
+(:mod:`.triton`), the chunked PyTorch scan of :mod:`.chunk` on every other
+device, and the token-by-token definition of :mod:`.naive`. All accumulate
+states and outputs in fp32 and return fp32 (fp64 for fp64 inputs, which the
+Triton kernels do not take: ``auto`` runs those in PyTorch).
 """
 from typing import Optional
 
 from torch import Tensor
 
-from .._dispatch import resolve_backend
-from .cpu import (linear_recurrence, selective_scan_chunked,
-                  selective_scan_tokens)
-from .naive import selective_scan_naive
+import torch
 
-__all__ = ['selective_scan', 'selective_scan_naive', 'selective_scan_chunked',
-           'selective_scan_tokens', 'linear_recurrence']
+from .._dispatch import dispatch
+from .chunk import (chunk_selective_scan, chunk_selective_scan_tokens,
+                    linear_recurrence)
+from .naive import naive_selective_scan
+
+__all__ = ['selective_scan', 'naive_selective_scan', 'chunk_selective_scan',
+           'chunk_selective_scan_tokens', 'linear_recurrence']
+
+
+def triton_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    """The Triton kernels (imported on first use)."""
+    from .triton import SelectiveScanFunction
+    return SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias,
+                                       delta_softplus)
+
+
+IMPLS = dict(naive=naive_selective_scan, torch=chunk_selective_scan,
+             triton=triton_selective_scan)
 
 
 def selective_scan(u: Tensor,
@@ -38,7 +53,8 @@ def selective_scan(u: Tensor,
         D (Tensor, optional): ``[D_ch]``. Defaults to None.
         delta_bias (Tensor, optional): ``[D_ch]``. Defaults to None.
         delta_softplus (bool): Softplus on the step. Defaults to False.
-        backend (str, optional): ``'auto'``, ``'torch'`` or ``'triton'``.
+        backend (str, optional): ``'auto'``, ``'torch'``, ``'triton'`` or
+            ``'naive'``.
             Defaults to None (the environment's choice, else ``'auto'``).
 
     Returns:
@@ -60,13 +76,6 @@ def selective_scan(u: Tensor,
                 f'{length}] with G dividing {channels}; got {tuple(t.shape)}')
     if B.shape[1] != C.shape[1]:
         raise ValueError('selective_scan: B and C need the same groups')
-    backend = resolve_backend('selective_scan', u, backend)
-    if backend == 'triton':
-        from .triton import SelectiveScanFunction
-        return SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias,
-                                           delta_softplus)
-    if backend == 'naive':
-        return selective_scan_naive(u, delta, A, B, C, D, delta_bias,
-                                    delta_softplus)
-    return selective_scan_chunked(u, delta, A, B, C, D, delta_bias,
-                                  delta_softplus)
+    fp64 = 'float64 inputs' if u.dtype == torch.float64 else None
+    run = dispatch('selective_scan', u, backend, IMPLS, fp64)
+    return run(u, delta, A, B, C, D, delta_bias, delta_softplus)

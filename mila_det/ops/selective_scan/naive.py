@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def selective_scan_naive(u: Tensor,
+def naive_selective_scan(u: Tensor,
                          delta: Tensor,
                          A: Tensor,
                          B: Tensor,

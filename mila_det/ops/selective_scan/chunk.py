@@ -1,4 +1,5 @@
-"""Fast PyTorch path of the selective scan, for CPUs (and any device).
+"""Chunked PyTorch path of the selective scan (any device; ``auto`` uses it
+off CUDA).
 
 It works token-major: ``u, delta: [B, G, L, Dg]`` and ``B, C: [B, G, L,
 N]``, so every time step of a group is one contiguous row of its channels
@@ -9,9 +10,9 @@ The recurrence ``h_t = a_t * h_{t-1} + b_t`` is run in chunks of about
 all chunks and channels at once, then a short pass over the chunk ends to
 carry states across chunks, then a second pass inside every chunk from the
 right start. That is ``~3 sqrt(L)`` tensor operations instead of ``L`` tiny
-ones, with the same sums in fp32 (only their association differs). Half of
-``sqrt(L)`` rather than ``sqrt(L)`` because each step then touches a
-cache-sized slice (VMamba-T forward at 800x1280: 4% faster). The backward
+ones, with the same sums in fp32 (only their association differs); the
+chunk is half of ``sqrt(L)`` so that each step touches a cache-sized slice
+(docs/benchmarks.md). The backward
 pass is the same recurrence run in reverse, with the states recomputed
 rather than stored. ``reverse=True`` scans from the last token to the first,
 so a route that reads a sequence backwards needs no flipped copy of it.
@@ -174,7 +175,7 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
 
 
 
-class SelectiveScanTokensFunction(torch.autograd.Function):
+class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
     """Token-major selective scan by :func:`linear_recurrence`, with an
     analytic backward (the recurrence run the other way); all accumulation
     in fp32."""
@@ -246,7 +247,7 @@ class SelectiveScanTokensFunction(torch.autograd.Function):
                 dC.to(C.dtype), dD, d_bias, None, None)
 
 
-def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                           C: Tensor, D: Optional[Tensor] = None,
                           delta_bias: Optional[Tensor] = None,
                           delta_softplus: bool = False,
@@ -275,35 +276,36 @@ def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     batch, groups, length, per_group = u.shape
     n_state = A.shape[-1]
     if delta.shape != u.shape:
-        raise ValueError(f'selective_scan_tokens: delta {tuple(delta.shape)} '
+        raise ValueError('chunk_selective_scan_tokens: delta '
+                         f'{tuple(delta.shape)} '
                          f'must match u {tuple(u.shape)}')
     if A.shape != (groups * per_group, n_state):
-        raise ValueError(f'selective_scan_tokens: A must be '
+        raise ValueError(f'chunk_selective_scan_tokens: A must be '
                          f'[{groups * per_group}, N], got {tuple(A.shape)}')
     for name, t in (('B', B), ('C', C)):
         if t.shape != (batch, groups, length, n_state):
             raise ValueError(
-                f'selective_scan_tokens: {name} must be '
+                f'chunk_selective_scan_tokens: {name} must be '
                 f'{(batch, groups, length, n_state)}, got {tuple(t.shape)}')
-    return SelectiveScanTokensFunction.apply(
+    return ChunkSelectiveScanTokensFunction.apply(
         u.contiguous(), delta.contiguous(), A, B.contiguous(),
         C.contiguous(), D, delta_bias, delta_softplus, reverse)
 
 
-def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+def chunk_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                            C: Tensor, D: Optional[Tensor] = None,
                            delta_bias: Optional[Tensor] = None,
                            delta_softplus: bool = False) -> Tensor:
     """Chunked selective scan in the channel-first layout; same arguments and
-    result as :func:`~mila_det.ops.selective_scan.naive.selective_scan_naive`
-    (it transposes to :func:`selective_scan_tokens` and back)."""
+    result as :func:`~mila_det.ops.selective_scan.naive.naive_selective_scan`
+    (it transposes to :func:`chunk_selective_scan_tokens` and back)."""
     batch, channels, length = u.shape
     groups = B.shape[1]
 
     def tokens(x: Tensor) -> Tensor:  # [B, G*Dg, L] -> [B, G, L, Dg]
         return x.view(batch, groups, -1, length).transpose(2, 3)
 
-    y = selective_scan_tokens(tokens(u), tokens(delta), A,
+    y = chunk_selective_scan_tokens(tokens(u), tokens(delta), A,
                               B.transpose(2, 3), C.transpose(2, 3), D,
                               delta_bias, delta_softplus)
     return y.transpose(2, 3).reshape(batch, channels, length)

@@ -28,9 +28,9 @@ def rotate(x: Tensor, rope: Tensor) -> Tensor:
     return torch.view_as_real(_as_pairs(x) * rot).flatten(-2)
 
 
-def linear_attention_torch(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+def parallel_linear_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                            rope: Tensor, eps: float = 1e-6) -> Tensor:
-    """MILA linear attention (see :func:`.naive.linear_attention_naive`).
+    """MILA linear attention (see :func:`.naive.naive_linear_attention`).
 
     Args:
         q (Tensor): Queries after ``elu + 1``, ``[B, N, C]``.

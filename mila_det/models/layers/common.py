@@ -1,0 +1,141 @@
+"""Layers both backbones use: the token projection, the MLP, LayerNorm on
+channel-first maps and depthwise convolutions on tokens.
+
+Tokens are ``[..., C]`` with C innermost: MILA's ``[B, N, C]`` and VMamba's
+``[B, H, W, C]`` (the channels-last memory of its NCHW maps, viewed). Every
+layer computes the plain PyTorch composition unless the CPU switch of
+:mod:`.fused` gives it a faster route to the same numbers.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fused import (ACTIVATIONS, can_fold, conv2d_act, conv2d_add,
+                    use_onednn_projection)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel of ``[B, C, H, W]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _as_map(t: Tensor) -> Tensor:
+    """Tokens ``[..., C]`` as a channels-last ``[1, C, T, 1]`` map (a view
+    when the tokens are contiguous)."""
+    return t.reshape(1, -1, 1, t.shape[-1]).permute(0, 3, 1, 2)
+
+
+class TokenLinear(nn.Linear):
+    """``nn.Linear`` on tokens ``[..., C]``, with an activation or a residual
+    add.
+
+    Same parameters as ``nn.Linear`` (a checkpoint that stores the weight as
+    a 1x1 conv's ``[out, in, 1, 1]`` loads too). On CPU, with the switch of
+    :mod:`.fused` on, it runs as a oneDNN 1x1 convolution on a channels-last
+    view of the tokens (no copy), with the activation or the add fused in
+    where no gradient is needed.
+    """
+
+    def forward(self, x: Tensor, act: Optional[str] = None,
+                residual: Optional[Tensor] = None,
+                drop_path: Optional[nn.Module] = None) -> Tensor:
+        """``act(linear(x))``, or ``residual + drop_path(linear(x))``.
+
+        Args:
+            x (Tensor): ``[..., in_features]``.
+            act (str, optional): ``'relu'``, ``'gelu'`` or ``'silu'``.
+                Defaults to None.
+            residual (Tensor, optional): ``[..., out_features]``; may be
+                overwritten with the sum when no gradient is needed.
+                Defaults to None.
+            drop_path (nn.Module, optional): Stochastic depth applied to
+                the projection before the add. Defaults to None.
+
+        Returns:
+            Tensor: ``[..., out_features]``.
+        """
+        if act is not None and residual is not None:
+            raise ValueError('TokenLinear: give act or residual, not both')
+        if act is not None and act not in ACTIVATIONS:
+            raise ValueError(f'TokenLinear: act must be one of '
+                             f'{sorted(ACTIVATIONS)} or None, got {act!r}')
+        dropping = drop_path is not None and drop_path.training
+        if residual is not None and dropping:
+            return residual + drop_path(self(x))
+        if not use_onednn_projection(x):
+            y = F.linear(x, self.weight, self.bias)
+            if residual is not None:
+                return residual + y
+            return y if act is None else ACTIVATIONS[act][0](y)
+        weight = self.weight[:, :, None, None]
+        if residual is None:
+            y = conv2d_act(_as_map(x), weight, self.bias, act)
+        else:
+            y = conv2d_add(_as_map(residual), _as_map(x), weight, self.bias)
+        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1],
+                                             self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'weight'
+        if key in state_dict and state_dict[key].dim() == 4:
+            state_dict[key] = state_dict[key].flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Mlp(nn.Module):
+    """Two token projections with exact GELU between (``fc1``: C -> hidden,
+    ``fc2``: hidden -> C)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = TokenLinear(dim, hidden_dim)
+        self.fc2 = TokenLinear(hidden_dim, dim)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                drop_path: Optional[nn.Module] = None) -> Tensor:
+        """``x: [..., C]`` -> ``[..., C]``; with ``residual``, ``residual +
+        drop_path(mlp(x))`` (see :meth:`TokenLinear.forward`)."""
+        return self.fc2(self.fc1(x, act='gelu'), residual=residual,
+                        drop_path=drop_path)
+
+
+def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
+                  residual: bool = False, act: Optional[str] = None) -> Tensor:
+    """A depthwise conv on tokens ``x: [B, N, C]`` laid out on an ``H x W``
+    grid: ``act(conv(x))``, or ``x + conv(x)`` with ``residual``.
+
+    The tokens reach the conv as a channels-last view and its output is read
+    back as tokens, so nothing is copied. Where :func:`~.fused.can_fold`,
+    ``x + conv(x)`` is the conv with the identity added to its centre tap.
+    """
+    b, n, c = x.shape
+    if conv.dilation != (1, 1):
+        raise ValueError('dwconv_tokens: dilated convs are not supported')
+    x_map = x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
+    weight = conv.weight
+    if residual:
+        kh, kw = weight.shape[-2:]
+        if (conv.groups != c or conv.stride != (1, 1)
+                or conv.padding != (kh // 2, kw // 2)
+                or weight.shape[1] != 1 or not kh % 2 or not kw % 2):
+            raise ValueError('dwconv_tokens: the residual form needs a '
+                             'same-size depthwise conv with an odd kernel')
+        if act is not None:
+            raise ValueError('dwconv_tokens: give act or residual, not both')
+        if not can_fold(x):
+            y = F.conv2d(x_map, weight, conv.bias, 1, conv.padding, 1,
+                         conv.groups)
+            return x + y.permute(0, 2, 3, 1).reshape(b, n, c)
+        weight = weight.clone()
+        weight[:, 0, kh // 2, kw // 2] += 1.0
+    y = conv2d_act(x_map, weight, conv.bias, act, conv.stride, conv.padding,
+                   conv.groups)
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)

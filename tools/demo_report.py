@@ -13,6 +13,12 @@ import json
 import os
 import os.path as osp
 import sys
+import warnings
+
+# MMEngine imports pkg_resources, which setuptools deprecates loudly: silence
+# exactly that notice, before MMEngine or MMDetection is imported.
+warnings.filterwarnings('ignore', category=UserWarning,
+                        message=r'pkg_resources is deprecated as an API')
 
 
 def last_run_dir(work_dir: str) -> str:

@@ -10,15 +10,21 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
 
-from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+# MMEngine imports pkg_resources, which setuptools deprecates loudly: silence
+# exactly that notice, before MMEngine or MMDetection is imported.
+warnings.filterwarnings('ignore', category=UserWarning,
+                        message=r'pkg_resources is deprecated as an API')
 
-import mila_det  # noqa: F401  (registers models, config scope, safe loading)
-from mila_det.utils.dist import init_cpu_distributed
-from mila_det.utils.malloc import keep_freed_memory
-from mila_det.utils.preflight import check_data
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mila_det  # noqa: F401,E402  (registers models, safe loading)
+from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
+from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
+from mila_det.utils.preflight import check_data  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,16 +8,23 @@ import argparse
 import os
 import os.path as osp
 import sys
+import warnings
 
-import torch
-from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+# MMEngine imports pkg_resources, which setuptools deprecates loudly: silence
+# exactly that notice, before MMEngine or MMDetection is imported.
+warnings.filterwarnings('ignore', category=UserWarning,
+                        message=r'pkg_resources is deprecated as an API')
 
-import mila_det  # noqa: F401  (registers models, config scope, safe loading)
-from mila_det.utils.dist import init_cpu_distributed
-from mila_det.utils.malloc import keep_freed_memory
-from mila_det.utils.preflight import check_data, check_pretrained
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import mila_det  # noqa: F401,E402  (registers models, safe loading)
+from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
+from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
+from mila_det.utils.preflight import (  # noqa: E402
+    check_data, check_pretrained)
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,8 +38,9 @@ def parse_args() -> argparse.Namespace:
                         help='scale the lr by total batch / base batch')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from CKPT, or from the latest checkpoint in the work '
-        'dir when no path is given')
+        help='resume from CKPT, or when no path is given from the newest '
+        'checkpoint in the work dir (epoch_*.pth or iter_*.pth, the one '
+        'its last_checkpoint names); an iter_*.pth continues mid-epoch')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. '
                         'train_dataloader.batch_size=4')

@@ -4,6 +4,12 @@
 # (8 GPUs x 2). --auto-scale-lr rescales lr for another total batch.
 _base_ = 'mmdet::_base_/schedules/schedule_1x.py'
 
+# MMEngine's epoch loop that can also resume inside an epoch (from the
+# iteration checkpoints of mask_rcnn_fpn.py): it skips the batches the
+# checkpoint had trained without reading them, and seeds every iteration
+# from (seed, iteration). See mila_det/engine.py.
+train_cfg = dict(type='ResumableEpochBasedTrainLoop')
+
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(

@@ -10,12 +10,18 @@ as MMDetection's get_flops runs it (RPN proposals through the RoI heads).
 The selective scan is counted analytically (see docs/flops.md).
 """
 import argparse
+import warnings
 from functools import partial
 
-import torch
-from mmengine.config import Config
+# MMEngine imports pkg_resources, which setuptools deprecates loudly: silence
+# exactly that notice, before MMEngine or MMDetection is imported.
+warnings.filterwarnings('ignore', category=UserWarning,
+                        message=r'pkg_resources is deprecated as an API')
 
-from mila_det.analysis import count_params, flop_analyzer
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+
+from mila_det.analysis import count_params, flop_analyzer  # noqa: E402
 
 
 def build(config: str):

@@ -13,3 +13,11 @@ demo: env
 	$(PY) tools/make_demo_data.py --out data/shapes
 	$(PY) tools/train.py configs/demo/mask_rcnn_mila_demo.py --work-dir work_dirs/demo
 	$(PY) tools/demo_report.py work_dirs/demo
+
+# On a CUDA machine with torch and triton (offline is fine): correctness and
+# speed of the GPU path. WHEELS=DIR installs missing packages from a folder
+# made by tools/gpu_wheels.sh.
+PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py work_dirs/gpu_check $(if $(WHEELS),--wheels $(WHEELS))

@@ -1,18 +1,13 @@
 """Keep freed memory in the process instead of handing it back to the OS.
 
 glibc serves every block above a threshold (at most 32 MiB) with a fresh
-``mmap`` and unmaps it on ``free``. Backbone activations at detection sizes
-are tens to hundreds of MiB, so each forward pass on the CPU maps, faults in
-(page by page, zero-filled) and unmaps gigabytes: about a quarter of the
-VMamba-T forward time at 800x1280 on our 2-core machine. With
-:func:`keep_freed_memory` large blocks come from the heap and freed ones are
-reused. The price is that the process keeps its peak footprint, which a
-training or inference process reaches again on the next step anyway.
-PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or
-tcmalloc; this needs no extra library.
+``mmap`` and unmaps it on ``free``. :func:`keep_freed_memory` sets
+``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to -1 (``mallopt(3)``), so
+large blocks come from the heap, freed ones are reused, and the heap is never
+trimmed. The process therefore keeps its peak footprint.
 
 The entry points in ``tools/`` call it at start; ``MILA_DET_MALLOC=default``
-leaves glibc alone. Other C libraries are left alone too.
+leaves glibc alone. With other C libraries it does nothing.
 """
 import ctypes
 import ctypes.util

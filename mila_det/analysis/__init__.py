@@ -1,5 +1,5 @@
-from .complexity import (backbone_macs, count_params, flop_analyzer,
-                         selective_scan_macs)
+from .complexity import (backbone_macs, count_params, detector_macs,
+                         flop_analyzer, selective_scan_macs)
 
-__all__ = ['backbone_macs', 'count_params', 'flop_analyzer',
+__all__ = ['backbone_macs', 'count_params', 'detector_macs', 'flop_analyzer',
            'selective_scan_macs']

@@ -154,6 +154,17 @@ def test_public_function_uses_chunked_path_on_cpu():
         chunk_selective_scan(*args, delta_softplus=True))
 
 
+@pytest.mark.parametrize('backend', ['torch', 'naive'])
+def test_public_function_returns_the_input_dtype(backend):
+    """bf16 in, bf16 out, on every backend: the fp32 scan rounded once
+    (within one bf16 step of the fp32 definition)."""
+    args = make_inputs(length=12, dtype=torch.bfloat16)
+    got = selective_scan(*args, delta_softplus=True, backend=backend)
+    want = naive_selective_scan(*args, delta_softplus=True)
+    assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-5)
+
+
 def test_public_function_rejects_bad_shapes():
     u, delta, A, B, C, D, bias = make_inputs(length=10)
     with pytest.raises(ValueError, match='B must be'):

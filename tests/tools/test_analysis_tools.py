@@ -48,11 +48,66 @@ def test_benchmark_prints_latency_and_efficiency(tmp_path):
                '--compare-naive', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert re.search(r'rate on a 2048\^2 product: mm [0-9.]+, onednn [0-9.]+ '
-                     'GFLOP/s', out)
+    # every library at both sizes, and the yardstick is the best of them
+    rates = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'((?:mm|onednn-matmul|onednn-conv1x1) (?:2048|4096)) ([0-9.]+)',
+        out.split('yardstick')[0])}
+    assert len(rates) == 6, out
+    m = re.search(r'yardstick: the best of them, (\S+ \d+) = ([0-9.]+) '
+                  'GFLOP/s', out)
+    assert m and m.group(1) == max(rates, key=rates.get)
+    assert float(m.group(2)) == max(rates.values())
     assert re.search(r'\[auto \] median +[0-9.]+ ms .* efficiency '
-                     r'[0-9.]+% of mm, [0-9.]+% of onednn', out)
+                     r'[0-9.]+% of the best GEMM \(\S+ \d+\) '
+                     r'\[[0-9.]+% of mm 2048\]', out)
     assert '[naive]' in out and 'speed-up over the naive reference' in out
+
+
+def test_benchmark_breakdown_prints_every_class(tmp_path):
+    proc = run(osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'),
+               '--backbone', 'vmamba_t', '--shape', '64', '96', '--repeat',
+               '1', '--warmup', '1', '--breakdown', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from mila_det.analysis.breakdown import CLASSES
+    for name in CLASSES:
+        assert re.search(re.escape(name) + r' +[0-9.]+ +[0-9.]+%', proc.stdout)
+    assert re.search(r'sum of classes +[0-9.]+ .* sum / wall = \d+%',
+                     proc.stdout)
+
+
+def test_breakdown_classes_and_counts():
+    """A module with one of each: the multiply-adds of each class are the
+    hand counts, and a mila_det operator's work lands in its own class."""
+    import torch
+    from torch import nn
+
+    from mila_det.analysis.breakdown import op_class_breakdown
+    from mila_det.ops import linear_attention
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(8, 16, 1)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.dense = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+            self.fc = nn.Linear(8, 12)
+            self.norm = nn.LayerNorm(12)
+
+        def forward(self, x):
+            y = self.dense(self.dw(self.pw(x)))  # [1, 8, 5, 6]
+            t = self.norm(self.fc(y.flatten(2).transpose(1, 2)))
+            return linear_attention(t, t, t, 2, (5, 6)) * 2
+
+    model = Probe().eval()
+    x = torch.randn(1, 8, 10, 12)
+    with torch.no_grad():
+        result = op_class_breakdown(lambda: model(x))
+    gemm = 10 * 12 * 16 * 8 + 30 * 12 * 8  # the 1x1 conv and the linear
+    assert result['GEMM (projections, MLP)']['macs'] == gemm
+    assert result['depthwise conv']['macs'] == 10 * 12 * 16 * 9
+    assert result['dense conv']['macs'] == 5 * 6 * 8 * 16 * 9
+    for name in ('attention / scan', 'norms', 'element-wise'):
+        assert result[name]['events'] > 0 and result[name]['seconds'] > 0
 
 
 def _load_benchmark():

@@ -5,15 +5,20 @@
     python tools/analysis/benchmark.py configs/mask_rcnn_mila_t_1x.py \\
         --mode train --shape 800 1216 \\
         [--cfg-options model.backbone.with_cp=True]
+    python tools/analysis/benchmark.py --backbone mila_t --breakdown
     python tools/analysis/benchmark.py --sweep --repeat 1
 
-Efficiency is ``2 * multiply-adds / time / R``, where R is this machine's
-fp32 rate on a 2048 x 2048 product measured in the same run (before and
-after the model, the better of the two), so a figure near 100% means the
-model runs as fast as a large matmul would. On CPU two
-rates are measured and both efficiencies printed: ``torch.mm`` (MKL's sgemm)
-and the same product as a oneDNN 1x1 convolution, the faster library on some
-machines and the one the backbones' token projections run on.
+Efficiency is ``FLOPs / time / R``, where R (the yardstick) is the best
+fp32 rate this machine reaches on a large square product through the
+libraries PyTorch ships, measured in the same run (before and after the
+model, the better of the two): ``torch.mm`` (MKL's sgemm on CPU), oneDNN's
+matmul and oneDNN's 1x1 convolution, at 2048^2 and 4096^2. The fastest
+library differs between machines (on one AMD EPYC oneDNN ran twice as fast
+as MKL), so only the best is a bound the model cannot beat. FLOPs are
+2 x the multiply-adds of the FLOP tool (the backbone's, or with a detector
+config the whole detector's forward), x3 for ``--mode train``.
+``--breakdown`` profiles one step and splits its time by class of operation
+(mila_det.analysis.breakdown).
 """
 import argparse
 import os
@@ -21,9 +26,15 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Dict
 
 import torch
+
+# MMEngine imports pkg_resources, which setuptools deprecates loudly: silence
+# exactly that notice, before MMEngine or MMDetection is imported.
+warnings.filterwarnings('ignore', category=UserWarning,
+                        message=r'pkg_resources is deprecated as an API')
 
 BACKBONES = {
     'mila_t': dict(type='MILA', arch='tiny'),
@@ -130,23 +141,57 @@ def time_it(fn: Callable[[], None], device: torch.device, warmup: int,
                 peak_mib=mem.peak)
 
 
-def matmul_rates(device: torch.device, size: int = 2048) -> Dict[str, float]:
-    """fp32 FLOP/s of a ``size``-square product (best of a few): ``mm`` by
-    ``torch.mm`` and, on CPU, ``onednn`` as a 1x1 convolution."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    rates = {'mm': time_it(lambda: a @ b, device, 2, 5)['min']}
+def _gemm_candidates(size: int, device: torch.device,
+                     dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
+    """One ``size``-square product through each library PyTorch ships for
+    ``device``: MKL's (or cuBLAS's) ``mm``, and on CPU oneDNN as a matmul
+    and as a 1x1 convolution."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    fns = {'mm': lambda: torch.mm(a, b)}
     if device.type == 'cpu':
+        mkldnn = getattr(torch.ops, 'mkldnn', None)
+        if getattr(mkldnn, '_linear_pointwise', None) is not None:
+            fns['onednn-matmul'] = lambda: mkldnn._linear_pointwise(
+                a, b, None, 'none', [], '')
         x = a.view(1, size, 1, size).contiguous(
             memory_format=torch.channels_last)
         w = b.view(size, size, 1, 1)
-        rates['onednn'] = time_it(lambda: torch.conv2d(x, w), device, 2,
-                                  5)['min']
-    return {k: 2 * size**3 / t for k, t in rates.items()}
+        fns['onednn-conv1x1'] = lambda: torch.conv2d(x, w)
+    return fns
+
+
+def gemm_rates(device: torch.device, dtype: torch.dtype = torch.float32,
+               sizes=(2048, 4096)) -> Dict[str, float]:
+    """FLOP/s of square products, ``'<library> <size>'`` -> rate (each the
+    best of a few runs). The best of them is the yardstick: the fastest
+    rate this machine reaches on a large product through the libraries
+    PyTorch ships."""
+    rates = {}
+    for size in sizes:
+        for name, fn in _gemm_candidates(size, device, dtype).items():
+            try:
+                t = time_it(fn, device, 1, 3 if size <= 2048 else 2)['min']
+            except RuntimeError:  # a library without this dtype
+                continue
+            rates[f'{name} {size}'] = 2 * size**3 / t
+    return rates
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
+    return bool(check is not None and check())
 
 
 def format_rates(rates: Dict[str, float]) -> str:
     return ', '.join(f'{k} {r / 1e9:.1f}' for k, r in rates.items())
+
+
+def best(rates: Dict[str, float]):
+    """(name, rate) of the fastest entry."""
+    return max(rates.items(), key=lambda kv: kv[1])
 
 
 def _models_registry():
@@ -304,6 +349,9 @@ def main() -> None:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, e.g. '
                         'model.backbone.with_cp=True')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='profile one step and print time and achieved '
+                        'rate per class of operation')
     parser.add_argument('--sweep', action='store_true',
                         help=f'time {SWEEP_MODELS} at {SWEEP_SIDES} (square)')
     parser.add_argument('--sweep-out', default='work_dirs/benchmark/sweep')
@@ -320,15 +368,15 @@ def main() -> None:
         if len(set(args.sweep_sides)) < 2:
             sys.exit('error: --sweep-sides needs at least two sizes')
         print(f'sweep: {args.mode}, batch {args.batch}, {device}, '
-              f'{torch.get_num_threads()} threads, {malloc}; fp32 2048^2 '
-              f'product: {format_rates(matmul_rates(device))} GFLOP/s')
+              f'{torch.get_num_threads()} threads, {malloc}; fp32 GEMM '
+              f'rates: {format_rates(gemm_rates(device))} GFLOP/s')
         sweep(args, device)
         return
     if bool(args.config) == bool(args.backbone):
         sys.exit('error: give either a CONFIG or --backbone NAME')
     model, is_detector = build_model(args, device)
     name = args.backbone or os.path.basename(args.config)
-    rates = matmul_rates(device)
+    rates = gemm_rates(device)
     print(f'{name}: {args.mode}, batch {args.batch}, '
           f'{args.shape[0]}x{args.shape[1]}, {device}, '
           f'{torch.get_num_threads()} threads, {malloc}', flush=True)
@@ -341,32 +389,66 @@ def main() -> None:
         repeat = args.repeat if backend == 'auto' else max(1, args.repeat // 3)
         results[backend] = time_it(step, device, args.warmup, repeat)
     os.environ.pop('MILA_DET_BACKEND', None)
+    breakdown = None
+    if args.breakdown:
+        from mila_det.analysis.breakdown import op_class_breakdown
+        step = make_step(model, is_detector, args.mode, args.shape,
+                         args.batch, device)
+        breakdown = op_class_breakdown(step)
     # Counted after the timed runs: the FLOP tool traces the model and holds
     # every activation at once, and with the heap kept that memory would
     # stay resident and count in the peaks above.
     macs = count_macs(model, is_detector, args.shape)
-    if macs:
-        label = 'backbone' if is_detector else 'model'
-        print(f'  {label} multiply-adds per image: {macs / 1e9:.2f} G')
-    # A busy moment can only slow the reference product down, so the rates
+    label = 'backbone' if is_detector else 'model'
+    print(f'  {label} multiply-adds per image: {macs / 1e9:.2f} G')
+    work = 2 * macs * args.batch  # FLOPs per step
+    if is_detector:
+        from mila_det.analysis import detector_macs
+        det = detector_macs(model, args.shape)
+        print(f'  detector multiply-adds per image (forward): '
+              f'{det / 1e9:.2f} G')
+        work = 2 * det * args.batch
+    if args.mode == 'train':
+        work *= 3  # forward + backward, counted as three forwards
+    # A busy moment can only slow the reference products down, so the rates
     # are the better of two measurements, before and after the model runs.
-    rates = {k: max(r, rates[k]) for k, r in matmul_rates(device).items()}
-    print(f'  machine fp32 rate on a 2048^2 product: {format_rates(rates)} '
-          'GFLOP/s (best of before and after the model runs)')
+    rates = {k: max(r, rates.get(k, 0.0))
+             for k, r in gemm_rates(device).items()}
+    yard, peak = best(rates)
+    print(f'  fp32 GEMM rates (GFLOP/s, best of before and after the model '
+          f'runs): {format_rates(rates)}')
+    print(f'  yardstick: the best of them, {yard} = {peak / 1e9:.1f} '
+          'GFLOP/s')
+    if bf16_supported(device):
+        bf = gemm_rates(device, torch.bfloat16)
+        print(f'  bf16 GEMM rates: {format_rates(bf)}; best '
+              f'{best(bf)[0]} = {best(bf)[1] / 1e9:.1f} GFLOP/s')
+    else:
+        print(f'  bf16: no fast bf16 GEMM on this {device.type} (oneDNN '
+              'reports no bf16 support), so none is measured')
+    mm = rates.get('mm 2048')
     for backend, r in results.items():
         line = (f'  [{backend:5s}] median {r["median"] * 1e3:9.1f} ms  '
                 f'{args.batch / r["median"]:6.2f} img/s  peak '
                 f'{r["peak_mib"]:8.0f} MiB')
-        if macs and args.mode == 'infer' and not is_detector:
-            flops = 2 * macs * args.batch / r['median']
-            line += '  efficiency ' + ', '.join(
-                f'{flops / rate * 100:.1f}% of {k}'
-                for k, rate in rates.items())
+        if work:
+            achieved = work / r['median']
+            line += (f'  efficiency {achieved / peak * 100:.1f}% of the best '
+                     f'GEMM ({yard})')
+            if mm:
+                line += f' [{achieved / mm * 100:.1f}% of mm 2048]'
+            if args.mode == 'train':
+                line += ' (training counted as 3 forwards)'
         print(line, flush=True)
     if 'naive' in results:
         speedup = results['naive']['median'] / results['auto']['median']
         print(f'  fast path speed-up over the naive reference: '
               f'{speedup:.1f}x')
+    if breakdown is not None:
+        from mila_det.analysis.breakdown import format_breakdown
+        print('  breakdown of one profiled step (self time per class; rate '
+              'against the yardstick):')
+        print('\n'.join(format_breakdown(breakdown, peak)))
 
 
 if __name__ == '__main__':

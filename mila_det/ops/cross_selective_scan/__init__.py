@@ -58,7 +58,9 @@ def cross_selective_scan(x: Tensor,
             ``'auto'``).
 
     Returns:
-        Tensor: ``[B, H, W, Di]`` in fp32 (fp64 for float64 parameters).
+        Tensor: ``[B, H, W, Di]`` in fp32 (fp64 for float64 parameters) on
+        every backend, whatever ``x``'s dtype: VMamba normalises the scan's
+        output (``out_norm``) before rounding it to the model's dtype.
     """
     if x.dim() != 4:
         raise ValueError('cross_selective_scan expects x [B, Di, H, W], got '

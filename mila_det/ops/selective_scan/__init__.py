@@ -3,8 +3,9 @@
 Backends (chosen in :mod:`mila_det.ops._dispatch`): Triton kernels on CUDA
 (:mod:`.triton`), the chunked PyTorch scan of :mod:`.chunk` on every other
 device, and the token-by-token definition of :mod:`.naive`. All accumulate
-states and outputs in fp32 and return fp32 (fp64 for fp64 inputs, which the
-Triton kernels do not take: ``auto`` runs those in PyTorch).
+states and outputs in fp32 (fp64 for fp64 inputs, which the Triton kernels
+do not take: ``auto`` runs those in PyTorch); the public function returns
+``u``'s dtype on every backend.
 """
 from typing import Optional
 
@@ -58,7 +59,7 @@ def selective_scan(u: Tensor,
             Defaults to None (the environment's choice, else ``'auto'``).
 
     Returns:
-        Tensor: ``[B, D_ch, L]`` fp32.
+        Tensor: ``[B, D_ch, L]`` in ``u``'s dtype (computed in fp32).
     """
     batch, channels, length = u.shape
     if delta.shape != u.shape:
@@ -78,4 +79,4 @@ def selective_scan(u: Tensor,
         raise ValueError('selective_scan: B and C need the same groups')
     fp64 = 'float64 inputs' if u.dtype == torch.float64 else None
     run = dispatch('selective_scan', u, backend, IMPLS, fp64)
-    return run(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return run(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)

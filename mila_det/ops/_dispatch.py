@@ -14,15 +14,18 @@ Until the kernels have been verified on the GPUs users run, a Triton kernel
 that ``auto`` picked and that fails to compile or launch does not end the
 run: the first call of each operator variant (operator, device, dtype,
 whether gradients are needed) runs its forward, and its backward where a
-gradient is needed, on a detached copy of the inputs first; if that raises,
+gradient is needed, on detached views of the inputs first, and every later
+forward is guarded too; if one raises (other than running out of memory),
 a warning names the operator and the error, and the operator runs in
-PyTorch for the rest of the process. A forced ``triton`` raises instead.
+PyTorch for the rest of the process. A backward that first fails on a later
+shape still raises. A forced ``triton`` raises instead.
 """
 import os
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 
 try:
     import triton  # noqa: F401
@@ -113,6 +116,15 @@ def dispatch(op: str,
 
 # (op, device, dtype, needs grad) -> None if the kernels ran, else the error
 _TRIED: Dict[Tuple[Any, ...], Optional[str]] = {}
+# Raised through a kernel call without being the kernel's fault: memory, and
+# activation checkpointing's control flow (it stops a recomputation early
+# by raising from inside the operator).
+_NOT_KERNEL_ERRORS = tuple(
+    e for e in (torch.cuda.OutOfMemoryError,
+                getattr(torch.utils.checkpoint, '_StopRecomputationError',
+                        None),
+                getattr(torch.utils.checkpoint, 'CheckpointError', None))
+    if e is not None)
 
 
 def _guarded(op: str, triton_impl: Callable,
@@ -125,29 +137,35 @@ def _guarded(op: str, triton_impl: Callable,
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in tensors)
         key = (op, tensors[0].device, tensors[0].dtype, needs_grad)
-        if key not in _TRIED and not torch.compiler.is_compiling():
-            try:
-                _probe(triton_impl, args, needs_grad)
-                _TRIED[key] = None
-            except Exception as err:  # compile, launch or resource errors
-                _TRIED[key] = f'{type(err).__name__}: {err}'
-                warnings.warn(
-                    f'mila_det: the Triton kernels of {op} failed on '
-                    f'{key[1]} ({key[2]}): {_TRIED[key][:500]}. Running {op} '
-                    'in PyTorch for the rest of this process. Set '
-                    f'{BACKEND_ENV}=triton to make this an error, or '
-                    f'{BACKEND_ENV}=torch to skip the kernels.',
-                    RuntimeWarning, stacklevel=2)
         if _TRIED.get(key) is not None:
             return torch_impl(*args)
-        return triton_impl(*args)
+        try:
+            if key not in _TRIED and not torch.compiler.is_compiling():
+                # Outer saved-tensor hooks (activation checkpointing,
+                # offloading) must not see the probe's graph.
+                with torch.autograd.graph.saved_tensors_hooks(
+                        lambda t: t, lambda t: t):
+                    _probe(triton_impl, args, needs_grad)
+                _TRIED[key] = None
+            return triton_impl(*args)
+        except _NOT_KERNEL_ERRORS:
+            raise
+        except Exception as err:  # compile, launch or resource errors
+            _TRIED[key] = f'{type(err).__name__}: {err}'
+            warnings.warn(
+                f'mila_det: the Triton kernels of {op} failed on {key[1]} '
+                f'({key[2]}): {_TRIED[key][:500]}. Running {op} in PyTorch '
+                f'for the rest of this process. Set {BACKEND_ENV}=triton to '
+                f'make this an error, or {BACKEND_ENV}=torch to skip the '
+                'kernels.', RuntimeWarning, stacklevel=2)
+            return torch_impl(*args)
 
     return run
 
 
 def _probe(impl: Callable, args: tuple, needs_grad: bool) -> None:
     """Run ``impl`` forward (and backward when ``needs_grad``) on detached
-    copies of ``args``."""
+    views of ``args`` (the kernels write only to new buffers)."""
     copies = [a.detach().requires_grad_(a.requires_grad and needs_grad)
               if isinstance(a, torch.Tensor) else a for a in args]
     with torch.enable_grad() if needs_grad else torch.no_grad():

@@ -214,3 +214,12 @@ def test_conv_layer_folds_batchnorm_in_eval():
     layer.train()
     out = layer(x)  # batch statistics, running stats updated
     assert not torch.allclose(out, want)
+
+
+def test_a_table_over_the_budget_is_not_cached_and_evicts_nothing():
+    la = importlib.import_module('mila_det.ops.linear_attention')
+    cache = la.RopeTableCache(max_bytes=40_000)
+    small = [cache.get(5, 5, 16, torch.device('cpu')) for _ in range(2)]
+    assert len(cache.tables) == 1 and small[0] is small[1]
+    big = cache.get(50, 50, 16, torch.device('cpu'))  # 160 KB
+    assert big.shape == (2500, 8, 2) and len(cache.tables) == 1

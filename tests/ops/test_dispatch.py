@@ -175,3 +175,32 @@ def test_package_and_backbones_work_without_mmcv_ops():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith('ok')
+
+
+def test_the_probe_is_invisible_to_activation_checkpointing(pretend_cuda):
+    """Inside ``checkpoint(use_reentrant=False)`` (``with_cp=True``) the
+    first-call probe must neither trip the checkpoint's recomputation nor be
+    taken for a kernel failure."""
+    import warnings
+
+    import torch.utils.checkpoint as cp
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, = ctx.saved_tensors
+            return 2 * x * dy
+
+    impls = dict(naive=None, torch=lambda x: x * x, triton=Twice.apply)
+    x = torch.randn(4, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        y = cp.checkpoint(lambda t: dispatch('cp_op', t, None, impls)(t) + 1,
+                          x, use_reentrant=False)
+        y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach())

@@ -28,8 +28,13 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def _as_map(t: Tensor) -> Tensor:
-    """Tokens ``[..., C]`` as a channels-last ``[1, C, T, 1]`` map (a view
-    when the tokens are contiguous)."""
+    """Tokens as a channels-last map (a view when they are contiguous):
+    ``[B, H, W, C]`` as ``[B, C, H, W]``, other ``[..., C]`` as ``[1, C, T,
+    1]``. Keeping a map's own shape keeps its gradient channels-last too
+    (oneDNN returns that of a ``[1, C, T, 1]`` map channel-major, which
+    costs a transposing copy per projection in the backward)."""
+    if t.dim() == 4:
+        return t.permute(0, 3, 1, 2)
     return t.reshape(1, -1, 1, t.shape[-1]).permute(0, 3, 1, 2)
 
 

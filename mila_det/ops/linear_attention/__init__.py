@@ -72,13 +72,15 @@ class RopeTableCache:
             return table
         self.misses += 1
         table = grid_rope_table(height, width, channels, device)
-        self.tables[key] = table
         size = table.numel() * table.element_size()
-        total = self.nbytes
-        while total > self.max_bytes and len(self.tables) > 1:
+        if size > self.max_bytes:  # used once, evicting nothing
+            return table
+        total = self.nbytes + size
+        while total > self.max_bytes:
             _, old = self.tables.popitem(last=False)
             total -= old.numel() * old.element_size()
-        return table if size <= self.max_bytes else self.tables.pop(key)
+        self.tables[key] = table
+        return table
 
 
 def grid_rope_table(height: int, width: int, channels: int,

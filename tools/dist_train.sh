@@ -2,8 +2,7 @@
 # Distributed training on one or several nodes with torchrun.
 #   bash tools/dist_train.sh CONFIG NUM_PROCS [train.py options]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT on every node.
-# NCCL is used on GPUs; on CPU-only machines the config's env_cfg.dist_cfg
-# backend should be gloo.
+# NCCL is used on GPUs; on CPU-only machines tools/train.py switches to gloo.
 set -euo pipefail
 CONFIG=$1
 NPROCS=$2

@@ -65,13 +65,8 @@ def naive_cross_selective_scan(x: Tensor, x_proj_weight: Tensor,
                                             B_k, C_k, Ds_k)
         y                  = cross_merge(y_0, ..., y_3)
 
-    Args:
-        x (Tensor): ``[B, Di, H, W]``.
-        x_proj_weight (Tensor): ``[4, R + 2N, Di]``.
-        dt_projs_weight (Tensor): ``[4, Di, R]``.
-        dt_projs_bias (Tensor): ``[4, Di]``.
-        A_logs (Tensor): ``[4 * Di, N]``.
-        Ds (Tensor): ``[4 * Di]``.
+    Arguments and shapes as for the public
+    :func:`~mila_det.ops.cross_selective_scan.cross_selective_scan`.
 
     Returns:
         Tensor: ``[B, H, W, Di]`` (a permuted view) in fp32, or fp64 for

@@ -39,6 +39,19 @@ BACKEND_ENV = 'MILA_DET_BACKEND'
 TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+def requested_backend(op: str, backend: Optional[str] = None) -> str:
+    """The backend asked for: ``backend``, else ``MILA_DET_BACKEND``, else
+    ``'auto'``, lower-cased and checked."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV, 'auto') or 'auto'
+    backend = backend.lower()
+    if backend not in BACKENDS:
+        raise ValueError(f'{op}: unknown backend {backend!r}; expected one '
+                         f'of {BACKENDS} (argument backend= or the '
+                         f'{BACKEND_ENV} environment variable)')
+    return backend
+
+
 def resolve_backend(op: str,
                     x: torch.Tensor,
                     backend: Optional[str] = None,
@@ -59,13 +72,7 @@ def resolve_backend(op: str,
             when it can. ``auto`` then runs PyTorch; a forced ``triton``
             raises with this reason. Defaults to None.
     """
-    if backend is None:
-        backend = os.environ.get(BACKEND_ENV, 'auto') or 'auto'
-    backend = backend.lower()
-    if backend not in BACKENDS:
-        raise ValueError(f'{op}: unknown backend {backend!r}; expected one '
-                         f'of {BACKENDS} (argument backend= or the '
-                         f'{BACKEND_ENV} environment variable)')
+    backend = requested_backend(op, backend)
     on_device = x.is_cuda or TRITON_INTERPRET
     triton_can_run = (HAS_TRITON and has_triton_kernel and on_device
                       and triton_unsupported is None)
@@ -106,10 +113,10 @@ def dispatch(op: str,
     Returns:
         Callable: The implementation to call.
     """
-    name = resolve_backend(op, x, backend, 'triton' in impls,
+    requested = requested_backend(op, backend)
+    name = resolve_backend(op, x, requested, 'triton' in impls,
                            triton_unsupported)
-    forced = (backend or os.environ.get(BACKEND_ENV, '') or 'auto').lower()
-    if name == 'triton' and forced == 'auto':
+    if name == 'triton' and requested == 'auto':
         return _guarded(op, impls['triton'], impls['torch'])
     return impls[name]
 

@@ -5,7 +5,9 @@
 
 Every Triton kernel of mila_det is compiled, in each variant the backbones
 launch (dtypes fp32 / bf16 / fp16; head widths 32 / 64 / 128 for the linear
-attention; d_state 1 / 4 / 16 for the selective scan), for each GPU
+attention; d_state 1 / 4 / 16 for the selective scan, 32 for the forget
+gate; each ``ops/<op>/triton.py`` declares its own, see
+``mila_det/ops/_report.py``), for each GPU
 architecture with Triton's own compiler (no GPU needed), and Triton's
 bundled ``cuobjdump`` reads the registers and the local memory (where
 spills go: stack + local bytes per thread) from the cubin; Triton's metadata
@@ -18,13 +20,15 @@ columns and the current figures.
 """
 import argparse
 import csv
+import importlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Dict, List, NamedTuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import List
 
 os.environ.pop('TRITON_INTERPRET', None)  # compile for real (no launch)
 warnings.filterwarnings('ignore', message='TRITON_DEFAULT_FP_FUSION')
@@ -33,82 +37,34 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mila_det.ops.cross_scan import triton as cs  # noqa: E402
-from mila_det.ops.linear_attention import triton as la  # noqa: E402
-from mila_det.ops.selective_scan import triton as ss  # noqa: E402
+from mila_det.ops._report import KernelLaunch, KernelVariant  # noqa: E402
 
-DTYPES = {'fp32': 4, 'bf16': 2, 'fp16': 2}
+# Every operator folder with Triton kernels; each triton.py declares its
+# variants and launches (mila_det/ops/_report.py).
+OPS = ('cross_scan', 'selective_scan', 'linear_attention', 'forget_gate')
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # per block, opt-in max
+MIN_PROGRAMS = 264  # two per SM of a 132-SM GPU
 
 
-class Variant(NamedTuple):
-    kernel: str
-    detail: str
-    fn: object
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    num_warps: int
+def _modules():
+    for op in OPS:
+        try:
+            yield importlib.import_module(f'mila_det.ops.{op}.triton')
+        except ModuleNotFoundError as e:
+            if e.name != f'mila_det.ops.{op}.triton':
+                raise
 
 
-class Launch(NamedTuple):
-    model: str
-    kernel: str
-    detail: str  # matches a Variant's detail
-    programs: int
-    bytes: int
+def variants() -> List[KernelVariant]:
+    """Every compiled form of every kernel the backbones launch."""
+    return [v for m in _modules() for v in m.report_variants()]
 
 
-def _signature(fn, types: Dict[str, str], constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        sig[name] = 'constexpr' if name in constexprs else types.get(
-            name, 'i32')
-    return sig
-
-
-def variants() -> List[Variant]:
-    out = []
-    for dt in DTYPES:
-        t = f'*{dt}'
-        for name, fn in (('cross_scan_fwd_kernel', cs.cross_scan_fwd_kernel),
-                         ('cross_scan_bwd_kernel', cs.cross_scan_bwd_kernel)):
-            const = dict(BLOCK_H=32, BLOCK_W=32)
-            types = {a: t for a in fn.arg_names[:2]}
-            out.append(Variant(name, dt, fn, _signature(fn, types, const),
-                               const, 4))
-        for n_state in (1, 4, 16):
-            block_d, block_n, _ = ss._blocks(96, n_state)
-            for name, fn, extra in (
-                    ('selective_scan_fwd_kernel', ss.selective_scan_fwd_kernel,
-                     dict(SAVE_STATES=True)),
-                    ('selective_scan_bwd_kernel', ss.selective_scan_bwd_kernel,
-                     {})):
-                const = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True,
-                             BLOCK_D=block_d, BLOCK_N=block_n, **extra)
-                types = {a: '*fp32' for a in fn.arg_names
-                         if a not in ('DCH', 'L', 'DG', 'N')
-                         and a not in const}
-                types.update(u=t, delta=t, B=t, C=t)
-                out.append(Variant(name, f'{dt} N{n_state}', fn,
-                                   _signature(fn, types, const), const, 4))
-        for head in (32, 64, 128):
-            block_t, block_p, block_d, use_dot = la._config(head)
-            for name, fn in (
-                    ('linear_attention_fwd_kernel',
-                     la.linear_attention_fwd_kernel),
-                    ('linear_attention_bwd_kernel',
-                     la.linear_attention_bwd_kernel)):
-                const = dict(BLOCK_T=block_t, BLOCK_P=block_p,
-                             BLOCK_D=block_d, USE_DOT=use_dot)
-                types = {a: '*fp32' for a in fn.arg_names
-                         if a not in ('N', 'C', 'HEADS', 'D', 'eps')
-                         and a not in const}
-                types.update({a: t for a in ('q', 'k', 'v', 'o', 'do', 'dq',
-                                             'dk', 'dv') if a in fn.arg_names})
-                types['eps'] = 'fp32'
-                out.append(Variant(name, f'{dt} d{head}', fn,
-                                   _signature(fn, types, const), const, 4))
-    return out
+def launches() -> List[KernelLaunch]:
+    """Every launch at the stage-1 shapes of the backbones at 800x1280,
+    batch 1 and 2, fp32 (bytes scale with the input dtype's size for
+    bf16/fp16)."""
+    return [x for m in _modules() for x in m.report_launches()]
 
 
 def _cuobjdump() -> str:
@@ -118,12 +74,13 @@ def _cuobjdump() -> str:
                         'cuobjdump')
 
 
-def compile_variant(v: Variant, arch: int) -> dict:
+def compile_variant(v: KernelVariant, arch: int) -> dict:
     """Registers and local (spill) bytes per thread, from the compiled
     cubin's resource usage, and shared memory per block."""
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs)
     kernel = triton.compile(src, target=GPUTarget('cuda', arch, 32),
-                            options=dict(num_warps=v.num_warps))
+                            options=dict(num_warps=v.num_warps,
+                                         num_stages=v.num_stages))
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(kernel.asm['cubin'])
         f.flush()
@@ -139,39 +96,25 @@ def compile_variant(v: Variant, arch: int) -> dict:
                 shared=int(kernel.metadata.shared))
 
 
-def launches() -> List[Launch]:
-    """Stage-1 launches of MILA-T and VMamba-T at 800x1280, batch 1 and 2,
-    fp32 (bytes scale with the input dtype's size for bf16/fp16)."""
-    out = []
-    h, w = 200, 320
-    length = h * w
-    for batch in (1, 2):
-        # MILA-T stage 1: C = 64, 2 heads of 32
-        c, heads = 64, 2
-        progs = batch * heads
-        io = batch * length * c * 4
-        out.append(Launch(f'MILA-T b{batch}', 'linear_attention_fwd_kernel',
-                          'fp32 d32', progs, 4 * io + 2 * length * c * 4))
-        out.append(Launch(f'MILA-T b{batch}', 'linear_attention_bwd_kernel',
-                          'fp32 d32', progs, 10 * io + 2 * length * c * 4))
-        # VMamba-T stage 1: Di = 96 channels, 4 routes, d_state 1
-        inner, routes, n_state = 96, 4, 1
-        _, _, n_blk = ss._blocks(inner, n_state)
-        grid = triton.cdiv(h, 32) * triton.cdiv(w, 32) * inner * batch
-        seq = batch * routes * inner * length * 4
-        bc = batch * routes * n_state * length * 4
-        states = seq * n_state
-        out.append(Launch(f'VMamba-T b{batch}', 'cross_scan_fwd_kernel',
-                          'fp32', grid, seq // 4 + seq))
-        out.append(Launch(f'VMamba-T b{batch}', 'cross_scan_bwd_kernel',
-                          'fp32', grid, seq + seq // 4))
-        out.append(Launch(f'VMamba-T b{batch}', 'selective_scan_fwd_kernel',
-                          'fp32 N1', n_blk * routes * batch,
-                          3 * seq + 2 * bc + states))
-        out.append(Launch(f'VMamba-T b{batch}', 'selective_scan_bwd_kernel',
-                          'fp32 N1', n_blk * routes * batch,
-                          5 * seq + 2 * bc + 2 * states + 2 * n_blk * bc))
-    return out
+def _compile_one(job) -> dict:
+    """Worker: compile variant ``index`` for ``arch`` (variants are rebuilt
+    in the worker; kernels do not pickle)."""
+    index, arch = job
+    v = variants()[index]
+    r = compile_variant(v, arch)
+    ok = r['spill_bytes'] == 0 and r['shared'] <= SHARED_LIMIT[arch]
+    return dict(kernel=v.kernel, variant=v.detail, arch=arch, **r, ok=ok)
+
+
+def compile_all(archs=(80, 90), jobs: int = 0) -> List[dict]:
+    """Compile every variant for every architecture, ``jobs`` at a time
+    (default: one per CPU core). Rows in variant order."""
+    work = [(i, arch) for i in range(len(variants())) for arch in archs]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [_compile_one(w) for w in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_compile_one, work))
 
 
 def main(argv=None) -> int:
@@ -180,30 +123,26 @@ def main(argv=None) -> int:
                         help='GB/s for the time estimate (H100 SXM: 3350)')
     parser.add_argument('--arch', type=int, nargs='+', default=[80, 90])
     parser.add_argument('--csv', help='also write the variant table here')
+    parser.add_argument('--jobs', type=int, default=0,
+                        help='parallel compiles (default: one per core)')
     args = parser.parse_args(argv)
-    rows = []
-    print(f'{"kernel":30s} {"variant":10s} {"sm":>3s} {"regs":>5s} '
+    print(f'{"kernel":34s} {"variant":10s} {"sm":>3s} {"regs":>5s} '
           f'{"local B":>8s} {"smem KB":>8s}  within limits')
-    for v in variants():
-        for arch in args.arch:
-            r = compile_variant(v, arch)
-            ok = r['spill_bytes'] == 0 and r['shared'] <= SHARED_LIMIT[arch]
-            rows.append(dict(kernel=v.kernel, variant=v.detail, arch=arch,
-                             **r, ok=ok))
-            print(f'{v.kernel:30s} {v.detail:10s} {arch:3d} '
-                  f'{r["registers"]:5d} {r["spill_bytes"]:8d} '
-                  f'{r["shared"] / 1024:8.1f}  {"yes" if ok else "NO"}',
-                  flush=True)
+    rows = compile_all(args.arch, args.jobs)
+    for r in rows:
+        print(f'{r["kernel"]:34s} {r["variant"]:10s} {r["arch"]:3d} '
+              f'{r["registers"]:5d} {r["spill_bytes"]:8d} '
+              f'{r["shared"] / 1024:8.1f}  {"yes" if r["ok"] else "NO"}')
     print(f'\nlaunches at 1x3x800x1280, stage 1 (time at {args.bandwidth:.0f}'
           ' GB/s is an estimate of the memory-bound time, not a '
           'measurement):')
-    print(f'{"model":12s} {"kernel":30s} {"programs":>9s} {"MB moved":>9s} '
-          f'{"est. us":>8s}  >= 264 programs')
+    print(f'{"model":12s} {"kernel":34s} {"programs":>9s} {"MB moved":>9s} '
+          f'{"est. us":>8s}  >= {MIN_PROGRAMS} programs')
     for launch in launches():
         us = launch.bytes / (args.bandwidth * 1e9) * 1e6
-        print(f'{launch.model:12s} {launch.kernel:30s} '
+        print(f'{launch.model:12s} {launch.kernel:34s} '
               f'{launch.programs:9d} {launch.bytes / 1e6:9.1f} {us:8.1f}  '
-              f'{"yes" if launch.programs >= 264 else "NO"}')
+              f'{"yes" if launch.programs >= MIN_PROGRAMS else "NO"}')
     if args.csv:
         os.makedirs(os.path.dirname(args.csv) or '.', exist_ok=True)
         with open(args.csv, 'w', newline='') as f:

@@ -3,10 +3,16 @@
 One program moves one ``BLOCK_H x BLOCK_W`` tile of one channel of one image
 between the map ``[B, C, H, W]`` and the four sequences ``[B, 4, C, L]``.
 """
+from typing import List
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._guard import device_guard
+from .._report import KernelLaunch, KernelVariant, signature
 
 
 @triton.jit
@@ -22,13 +28,14 @@ def cross_scan_fwd_kernel(x, y, C, H, W, BLOCK_H: tl.constexpr,
     m_hw = (o_h < H) & (o_w < W)
     o_row = o_h * W + o_w
     o_col = o_w * H + o_h
+    o_route = C.to(tl.int64) * L  # one route's size: may pass 2^31 / 3
     p_x = x + (i_b.to(tl.int64) * C + i_c) * L
     p_y = y + (i_b.to(tl.int64) * 4 * C + i_c) * L
     b_x = tl.load(p_x + o_row, mask=m_hw)
     tl.store(p_y + o_row, b_x, mask=m_hw)
-    tl.store(p_y + C * L + o_col, b_x, mask=m_hw)
-    tl.store(p_y + 2 * C * L + (L - 1 - o_row), b_x, mask=m_hw)
-    tl.store(p_y + 3 * C * L + (L - 1 - o_col), b_x, mask=m_hw)
+    tl.store(p_y + o_route + o_col, b_x, mask=m_hw)
+    tl.store(p_y + 2 * o_route + (L - 1 - o_row), b_x, mask=m_hw)
+    tl.store(p_y + 3 * o_route + (L - 1 - o_col), b_x, mask=m_hw)
 
 
 @triton.jit
@@ -45,13 +52,14 @@ def cross_scan_bwd_kernel(y, x, C, H, W, BLOCK_H: tl.constexpr,
     m_hw = (o_h < H) & (o_w < W)
     o_row = o_h * W + o_w
     o_col = o_w * H + o_h
+    o_route = C.to(tl.int64) * L
     p_x = x + (i_b.to(tl.int64) * C + i_c) * L
     p_y = y + (i_b.to(tl.int64) * 4 * C + i_c) * L
     b_sum = tl.load(p_y + o_row, mask=m_hw).to(tl.float32)
-    b_sum += tl.load(p_y + C * L + o_col, mask=m_hw).to(tl.float32)
-    b_sum += tl.load(p_y + 2 * C * L + (L - 1 - o_row), mask=m_hw).to(
+    b_sum += tl.load(p_y + o_route + o_col, mask=m_hw).to(tl.float32)
+    b_sum += tl.load(p_y + 2 * o_route + (L - 1 - o_row), mask=m_hw).to(
         tl.float32)
-    b_sum += tl.load(p_y + 3 * C * L + (L - 1 - o_col), mask=m_hw).to(
+    b_sum += tl.load(p_y + 3 * o_route + (L - 1 - o_col), mask=m_hw).to(
         tl.float32)
     tl.store(p_x + o_row, b_sum.to(x.dtype.element_ty), mask=m_hw)
 
@@ -65,8 +73,9 @@ def cross_scan_fwd(x: Tensor, block: int = 32) -> Tensor:
     x = x.contiguous()
     b, c, h, w = x.shape
     y = x.new_empty(b, 4, c, h * w)
-    cross_scan_fwd_kernel[_grid(b, c, h, w, block)](x, y, c, h, w, block,
-                                                    block)
+    with device_guard('cross_scan', x=x):
+        cross_scan_fwd_kernel[_grid(b, c, h, w, block)](x, y, c, h, w, block,
+                                                        block)
     return y
 
 
@@ -75,8 +84,9 @@ def cross_scan_bwd(y: Tensor, h: int, w: int, block: int = 32) -> Tensor:
     y = y.contiguous()
     b, _, c, _ = y.shape
     x = y.new_empty(b, c, h, w)
-    cross_scan_bwd_kernel[_grid(b, c, h, w, block)](y, x, c, h, w, block,
-                                                    block)
+    with device_guard('cross_merge', y=y):
+        cross_scan_bwd_kernel[_grid(b, c, h, w, block)](y, x, c, h, w, block,
+                                                        block)
     return x
 
 
@@ -89,6 +99,7 @@ class CrossScanFunction(torch.autograd.Function):
         return cross_scan_fwd(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         return cross_scan_bwd(dy, *ctx.hw)
 
@@ -102,6 +113,35 @@ class CrossMergeFunction(torch.autograd.Function):
         return cross_scan_bwd(y, h, w).flatten(2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dx: Tensor):
         h, w = ctx.hw
         return cross_scan_fwd(dx.reshape(*dx.shape[:2], h, w)), None, None
+
+
+def report_variants() -> List[KernelVariant]:
+    """Both kernels in fp32 / bf16 / fp16, 32x32 tiles (what the host
+    functions launch)."""
+    out = []
+    for dt in ('fp32', 'bf16', 'fp16'):
+        for fn in (cross_scan_fwd_kernel, cross_scan_bwd_kernel):
+            const = dict(BLOCK_H=32, BLOCK_W=32)
+            types = {a: f'*{dt}' for a in fn.arg_names[:2]}
+            out.append(KernelVariant(fn.__name__, dt, fn,
+                                     signature(fn, types, const), const))
+    return out
+
+
+def report_launches() -> List[KernelLaunch]:
+    """VMamba-T stage 1 at 1x3x800x1280 (96 channels of 200x320), batch 1
+    and 2, fp32: the scan reads the map once and writes four routes; the
+    merge (and the scan's backward) the reverse."""
+    out = []
+    h, w, channels = 200, 320, 96
+    for batch in (1, 2):
+        programs = triton.cdiv(h, 32) * triton.cdiv(w, 32) * channels * batch
+        one_map = batch * channels * h * w * 4
+        for name in ('cross_scan_fwd_kernel', 'cross_scan_bwd_kernel'):
+            out.append(KernelLaunch(f'VMamba-T b{batch}', name, 'fp32',
+                                    programs, 5 * one_map))
+    return out

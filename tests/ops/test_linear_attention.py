@@ -169,11 +169,14 @@ def test_half_precision_close_to_fp32(dtype):
     ((7, 9), 32, 2),     # head dim 16
     ((13, 5), 64, 2),    # head dim 32
     ((7, 9), 48, 2),     # head dim 24: not a power of two
-    ((5, 7), 128, 2),    # head dim 64, several token blocks
-], ids=['7x9-d16', '13x5-d32', '7x9-d24', '5x7-d64'])
+    ((5, 7), 128, 2),    # head dim 64
+    ((3, 5), 256, 2),    # head dim 128: the dq kernel's two halves apart
+    ((30, 41), 32, 2),   # N = 1230: 20 chunks of 64, the last one partial
+], ids=['7x9-d16', '13x5-d32', '7x9-d24', '5x7-d64', '3x5-d128',
+        '30x41-d16'])
 def test_triton_matches_reference(hw, channels, heads):
     n = hw[0] * hw[1]
-    q, k, v = qkv(2, n, channels, seed=n)
+    q, k, v = qkv(2 if n < 1000 else 1, n, channels, seed=n)
     want = naive_linear_attention(q, k, v, heads, hw)
     got = linear_attention(q, k, v, heads, hw, backend='triton')
     assert_close_with_grads(got, want, (q, k, v), 1e-4)
@@ -207,3 +210,111 @@ def test_triton_unsupported_inputs_run_in_pytorch_under_auto(monkeypatch):
     assert ran == ['torch', 'torch']
     linear_attention(*qkv(1, 12, 8), 2, (3, 4))  # even, fp32: the kernel
     assert ran[-1] == 'triton'
+
+
+@needs_triton()
+def test_triton_chunks_of_several_tiles(monkeypatch):
+    """Fewer programs wanted: chunks of 512 tokens (32 tiles each), the
+    second one partial."""
+    from mila_det.ops.linear_attention import triton as la_triton
+    monkeypatch.setattr(la_triton, 'TARGET_PROGRAMS', 4)
+    hw = (20, 39)  # N = 780
+    assert la_triton._config(780, 2, 32).chunk == 512
+    q, k, v = qkv(1, 780, 64, seed=3)
+    want = naive_linear_attention(q, k, v, 2, hw)
+    got = linear_attention(q, k, v, 2, hw, backend='triton')
+    assert_close_with_grads(got, want, (q, k, v), 1e-4)
+
+
+@needs_triton()
+def test_triton_reads_strided_halves_without_copies():
+    """q and k as halves of one [B, N, 2C] projection and a strided output
+    gradient go to the kernels as they are (through their strides); a
+    tensor without unit channel stride is copied, and all are right."""
+    from mila_det.ops.linear_attention import triton as la_triton
+    g = torch.Generator().manual_seed(5)
+    hw, c = (7, 9), 64
+    n = hw[0] * hw[1]
+    qk = (F.elu(torch.randn(2, n, 2 * c, generator=g)) + 1).requires_grad_()
+    q, k = qk[..., :c], qk[..., c:]
+    v = torch.randn(2, c, n, generator=g).transpose(1, 2).requires_grad_()
+    for t in (q, k):
+        assert la_triton._strides(t)[0] is t
+    assert la_triton._strides(v)[0] is not v  # channel stride n: a copy
+    want = naive_linear_attention(q, k, v, 2, hw)
+    got = linear_attention(q, k, v, 2, hw, backend='triton')
+    assert rel_err(got, want) <= 1e-4
+    do = torch.randn(2, n, 3 * c, generator=g)[..., c:2 * c]
+    assert la_triton._strides(do)[0] is do
+    for name, a, b in zip(('qk', 'v'), torch.autograd.grad(got, (qk, v), do),
+                          torch.autograd.grad(want, (qk, v), do)):
+        assert rel_err(a, b) <= 1e-4, name
+
+
+@needs_triton()
+def test_triton_bf16_close_to_fp32_reference():
+    """bf16 in and out; the sums, the normaliser and the products stay fp32
+    inside."""
+    hw = (9, 14)
+    n = hw[0] * hw[1]
+    q, k, v = qkv(2, n, 64, seed=7)
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_()
+                     for t in (q, k, v))
+    want = naive_linear_attention(q16.float(), k16.float(), v16.float(), 2,
+                                  hw)
+    got = linear_attention(q16, k16, v16, 2, hw, backend='triton')
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) <= 1e-2
+    do = torch.randn(2, n, 64)
+    grads = torch.autograd.grad(got, (q16, k16, v16), do.bfloat16())
+    q32, k32, v32 = (t.detach().float().requires_grad_()
+                     for t in (q16, k16, v16))
+    ref = torch.autograd.grad(
+        naive_linear_attention(q32, k32, v32, 2, hw), (q32, k32, v32), do)
+    for name, a, b in zip('qkv', grads, ref):
+        assert a.dtype == torch.bfloat16, name
+        assert rel_err(a.float(), b) <= 2e-2, name
+
+
+@needs_triton()
+def test_triton_refuses_tensors_on_another_device():
+    from mila_det.ops.linear_attention import triton as la_triton
+    q, k, v = qkv(1, 12, 16)
+    table = build_rope_table(3, 4, 16)
+    with pytest.raises(ValueError, match='rope is on meta'):
+        linear_attention(q, k, v, 2, table.to('meta'), backend='triton')
+    with pytest.raises(ValueError, match='v is on meta'):
+        la_triton.linear_attention_fwd(q, k, v.to('meta'), 2, table, 1e-6)
+    _, kv, kmean = la_triton.linear_attention_fwd(q, k, v, 2, table, 1e-6)
+    with pytest.raises(ValueError, match='do is on meta'):
+        la_triton.linear_attention_bwd(q, k, v, 2, table, 1e-6, kv, kmean,
+                                       torch.empty(1, 12, 16, device='meta'))
+
+
+@needs_triton()
+def test_triton_report_declares_every_launch():
+    """The report's launches at MILA-T stage 1 (1x3x800x1280) fill a 132-SM
+    GPU twice over and run declared variants; every MILA head width (32)
+    is declared."""
+    from mila_det.models.backbones.mila import MILA
+    from mila_det.ops.linear_attention import triton as la_triton
+    variants = {(v.kernel, v.detail) for v in la_triton.report_variants()}
+    launches = la_triton.report_launches()
+    assert {x.model for x in launches} == {'MILA-T b1', 'MILA-T b2'}
+    for x in launches:
+        assert (x.kernel, x.detail) in variants
+        assert x.programs >= 264, x
+        cfg = la_triton._config(64000, 2 * int(x.model[-1]), 32)
+        assert x.programs == triton_cdiv(64000, cfg.chunk) * 2 * int(
+            x.model[-1])
+    for arch in MILA.arch_zoo.values():
+        for i, heads in enumerate(arch['num_heads']):
+            width = arch['embed_dims'] * 2**i // heads
+            assert width in la_triton.HEAD_WIDTHS
+            for dt in ('fp32', 'bf16', 'fp16'):
+                assert ('linear_attention_kv_fwd_kernel',
+                        f'{dt} d{width}') in variants
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,9 +1,11 @@
 """Selective scan: chunked PyTorch path and Triton kernels against the
 token-by-token reference, outputs and the gradients of every input."""
+import importlib
+
 import pytest
 import torch
 
-from mila_det.ops import selective_scan
+from mila_det.ops import HAS_TRITON, selective_scan
 from mila_det.ops.selective_scan import (linear_recurrence,
                                          chunk_selective_scan,
                                          naive_selective_scan,
@@ -31,10 +33,11 @@ def make_inputs(batch=2, groups=4, per_group=6, n_state=1, length=63,
     return [a.requires_grad_() if a is not None else None for a in args]
 
 
-def check_against_reference(fn, atol_rel=1e-5, **shape):
+def check_against_reference(fn, atol_rel=1e-5, scale_input=True, **shape):
     args = make_inputs(**shape)
-    want = naive_selective_scan(*args, delta_softplus=True)
-    got = fn(*args, delta_softplus=True)
+    want = naive_selective_scan(*args, delta_softplus=True,
+                                scale_input=scale_input)
+    got = fn(*args, delta_softplus=True, scale_input=scale_input)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert rel_err(got, want) < atol_rel
     dy = torch.randn_like(want)
@@ -66,6 +69,32 @@ def scan_tokens(u, delta, A, B, C, D, bias, **kwargs):
 def test_chunked_scan_matches_reference(length, n_state):
     check_against_reference(chunk_selective_scan, length=length,
                             n_state=n_state)
+
+
+@pytest.mark.parametrize('scale_input', [True, False],
+                         ids=['scaled', 'unscaled'])
+@pytest.mark.parametrize('shape', [
+    dict(n_state=4, groups=2, per_group=3, length=37),
+    dict(n_state=32, groups=3, per_group=32, length=19, batch=1),
+], ids=['N4', 'N32-G3-C96'])
+def test_chunked_scan_scale_input(shape, scale_input):
+    """``scale_input=False`` (``h_t = a_t h_{t-1} + B_t u_t``) against the
+    reference, and N = 32 with one group per head (C = 96, G = 3)."""
+    check_against_reference(chunk_selective_scan, scale_input=scale_input,
+                            **shape)
+
+
+def test_reference_scale_input_drops_the_step_from_the_input():
+    """The reference itself: with zero decay (A very negative) the state is
+    the last input term, ``B_t u_t`` unscaled vs ``delta_t B_t u_t``."""
+    u, delta, A, B, C = [a.detach() for a in make_inputs(
+        batch=1, groups=1, per_group=2, n_state=1, length=5)[:5]]
+    delta = delta.abs() + 0.5
+    A = torch.full_like(A, -1e4)
+    y_plain = naive_selective_scan(u, delta, A, B, C, scale_input=False)
+    y_scaled = naive_selective_scan(u, delta, A, B, C)
+    torch.testing.assert_close(y_plain, B[:, 0] * C[:, 0] * u)
+    torch.testing.assert_close(y_scaled, delta * B[:, 0] * C[:, 0] * u)
 
 
 def test_chunked_scan_without_d_and_bias():
@@ -175,14 +204,21 @@ def test_public_function_rejects_bad_shapes():
 
 @needs_triton()
 @pytest.mark.parametrize('shape', [
-    dict(length=63, n_state=1, per_group=6),     # 7x9 map
-    dict(length=63, n_state=4, per_group=15),    # odd channels, N = 4
-    dict(length=37, n_state=3, per_group=70),    # several channel blocks
-    dict(length=1, n_state=2, per_group=5),
-], ids=['L63-N1', 'L63-N4-odd', 'L37-N3-blocks', 'L1'])
+    dict(length=63, n_state=4, per_group=15),    # 7x9 map, odd channels
+    dict(length=37, n_state=3, per_group=70, groups=2, batch=1),  # blocks
+    dict(length=1, n_state=2, per_group=5, groups=2),
+], ids=['L63-N4-odd', 'L37-N3-blocks', 'L1'])
 def test_triton_scan_matches_reference(shape):
     check_against_reference(
         lambda *a, **k: selective_scan(*a, **k, backend='triton'), **shape)
+
+
+@pytest.mark.parametrize('scale_input', [True, False],
+                         ids=['scaled', 'unscaled'])
+def test_public_function_passes_scale_input(scale_input):
+    check_against_reference(
+        lambda *a, **k: selective_scan(*a, **k, backend='torch'),
+        scale_input=scale_input, length=20, n_state=2)
 
 
 @needs_triton()
@@ -190,6 +226,133 @@ def test_triton_scan_without_d_and_bias():
     check_against_reference(
         lambda *a, **k: selective_scan(*a, **k, backend='triton'),
         with_d=False, with_bias=False, length=30, n_state=2)
+
+
+def triton_scan(block_t):
+    """The Triton path with ``block_t`` tokens per segment."""
+    from mila_det.ops.selective_scan.triton import triton_selective_scan
+
+    def run(*args, **kwargs):
+        return triton_selective_scan(*args, **kwargs, block_t=block_t)
+
+    return run
+
+
+@needs_triton()
+@pytest.mark.parametrize('shape,block_t,scale_input', [
+    (dict(batch=1, groups=2, per_group=3, n_state=1, length=2000), 512,
+     True),
+    (dict(batch=1, groups=2, per_group=3, n_state=1, length=2000), 512,
+     False),
+    (dict(batch=2, groups=2, per_group=5, n_state=4, length=301), 128,
+     True),
+    (dict(batch=1, groups=3, per_group=32, n_state=32, length=20), 16,
+     False),
+], ids=['L2000-N1-seg512', 'L2000-N1-seg512-unscaled', 'L301-N4-seg128',
+        'L20-N32-G3-C96-seg16-unscaled'])
+def test_triton_scan_over_several_segments(shape, block_t, scale_input):
+    """Segments carried across by the segment scan (L not a multiple of the
+    segment), outputs and every gradient against the reference."""
+    check_against_reference(triton_scan(block_t), scale_input=scale_input,
+                            **shape)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _combine = importlib.import_module(
+        'mila_det.ops.selective_scan.triton')._combine
+
+    @triton.jit
+    def scan_kernel(a, b, pa, pb, ROWS: tl.constexpr, T: tl.constexpr,
+                    REVERSE: tl.constexpr):
+        o = tl.arange(0, ROWS)[:, None] * T + tl.arange(0, T)[None, :]
+        b_pa, b_pb = tl.associative_scan((tl.load(a + o), tl.load(b + o)), 1,
+                                         _combine, reverse=REVERSE)
+        tl.store(pa + o, b_pa)
+        tl.store(pb + o, b_pb)
+
+
+@needs_triton()
+@pytest.mark.parametrize('reverse', [False, True], ids=['fwd', 'rev'])
+def test_triton_segment_carry_over_several_blocks(reverse):
+    """The scan over segments, in blocks of 8 segments: ``out_s`` is the
+    carry entering segment s (from the left, or from the right)."""
+    from mila_det.ops.selective_scan.triton import _carry
+    decays, values = torch.rand(3, 37), torch.randn(3, 37)
+    want = torch.zeros_like(values)
+    c = torch.zeros(3)
+    order = range(36, 0, -1) if reverse else range(36)
+    for s in order:
+        c = decays[:, s] * c + values[:, s]
+        want[:, s - 1 if reverse else s + 1] = c
+    torch.testing.assert_close(_carry(decays, values, reverse, block_s=8),
+                               want)
+
+
+@needs_triton()
+def test_triton_scan_bf16_inputs_fp32_states():
+    """bf16 u / delta / B / C, states in fp32: within bf16 rounding of the
+    fp32 reference run on the same (rounded) inputs."""
+    args = make_inputs(batch=1, groups=2, per_group=4, n_state=4,
+                       length=70, dtype=torch.bfloat16)
+    want = naive_selective_scan(*args, delta_softplus=True)
+    got = triton_scan(32)(*args, delta_softplus=True)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-3
+    dy = torch.randn_like(want)
+    g_want = torch.autograd.grad(want, args, dy)
+    g_got = torch.autograd.grad(got, args, dy)
+    for name, a, b in zip(NAMES, g_got, g_want):
+        assert a.dtype == torch.bfloat16, name
+        assert rel_err(a, b) < 2e-2, name
+
+
+def saved_bytes(fn):
+    """Bytes the autograd graph of ``fn()`` keeps beyond its inputs' own
+    storage, and the number of tensors saved."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@needs_triton()
+def test_triton_scan_keeps_one_state_per_segment_and_none_without_grad():
+    args = make_inputs(batch=2, groups=1, per_group=3, n_state=4,
+                       length=100)
+    block_t = 32
+    n_seg = -(-100 // block_t)
+    scan = triton_scan(block_t)
+    inputs = {a.untyped_storage().data_ptr() for a in args}
+    saved, y = saved_bytes(lambda: scan(*args, delta_softplus=True))
+    extra = sum(t.numel() * t.element_size() for t in saved
+                if t.untyped_storage().data_ptr() not in inputs)
+    batch, channels, n_state = 2, 3, 4
+    assert 0 < extra <= batch * channels * n_state * n_seg * 4
+    y.sum().backward()  # and the backward runs on what was kept
+    assert all(a.grad is not None for a in args)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            saved, y = saved_bytes(lambda: scan(*args, delta_softplus=True))
+        assert saved == [] and not y.requires_grad, mode.__name__
+
+
+@needs_triton()
+def test_triton_scan_refuses_a_tensor_on_another_device():
+    u, delta, A, B, C, D, bias = make_inputs(length=10)
+    with pytest.raises(ValueError, match='B is on meta'):
+        selective_scan(u, delta, A, B.to('meta'), C, D, bias,
+                       backend='triton')
+    with pytest.raises(ValueError, match='delta_bias is on meta'):
+        selective_scan(u, delta, A, B, C, D, bias.to('meta'),
+                       backend='triton')
 
 
 def test_recurrence_refuses_an_output_it_would_write_to_a_copy():
@@ -203,3 +366,28 @@ def test_recurrence_refuses_an_output_it_would_write_to_a_copy():
         _recurrence(a, b, out=scrambled)
     _recurrence(a, b, out=b)  # a view: written in place
     torch.testing.assert_close(b, want)
+
+
+@needs_triton()
+@pytest.mark.parametrize('reverse', [False, True], ids=['forward', 'reverse'])
+def test_in_tile_associative_scan_is_the_recurrence(reverse):
+    """The kernels' in-tile scan (``tl.associative_scan`` with ``_combine``)
+    solves ``h_t = a_t h_{t-1} + b_t`` from a zero start, right to left when
+    reversed. The suite's other interpreter tests swap that scan for a numpy
+    loop (the interpreter runs the generic scan one element at a time), so
+    this tiny tile is where Triton's own scan and the combine are checked."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 8, generator=g) + 0.2
+    b = torch.randn(2, 8, generator=g)
+    pa, pb = torch.empty_like(a), torch.empty_like(b)
+    scan_kernel[(1, )](a, b, pa, pb, 2, 8, reverse)
+    want_b = torch.zeros_like(b)
+    want_a = torch.ones_like(a)
+    steps = range(7, -1, -1) if reverse else range(8)
+    h, prod = torch.zeros(2), torch.ones(2)
+    for t in steps:
+        h = a[:, t] * h + b[:, t]
+        prod = prod * a[:, t]
+        want_b[:, t], want_a[:, t] = h, prod
+    torch.testing.assert_close(pb, want_b)
+    torch.testing.assert_close(pa, want_a)

@@ -5,7 +5,7 @@
 from torch import Tensor
 
 from ..cross_scan.triton import CrossMergeFunction, CrossScanFunction
-from ..selective_scan.triton import SelectiveScanFunction
+from ..selective_scan.triton import triton_selective_scan
 from .naive import compose_cross_selective_scan
 
 
@@ -17,5 +17,5 @@ def triton_cross_selective_scan(x: Tensor, x_proj_weight: Tensor,
     :func:`~.naive.naive_cross_selective_scan`."""
     return compose_cross_selective_scan(
         x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-        CrossScanFunction.apply, SelectiveScanFunction.apply,
+        CrossScanFunction.apply, triton_selective_scan,
         CrossMergeFunction.apply)

@@ -22,11 +22,11 @@ __all__ = ['selective_scan', 'naive_selective_scan', 'chunk_selective_scan',
            'chunk_selective_scan_tokens', 'linear_recurrence']
 
 
-def triton_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus):
+def triton_selective_scan(u, delta, A, B, C, D=None, delta_bias=None,
+                          delta_softplus=False, scale_input=True):
     """The Triton kernels (imported on first use)."""
-    from .triton import SelectiveScanFunction
-    return SelectiveScanFunction.apply(u, delta, A, B, C, D, delta_bias,
-                                       delta_softplus)
+    from .triton import triton_selective_scan as run
+    return run(u, delta, A, B, C, D, delta_bias, delta_softplus, scale_input)
 
 
 IMPLS = dict(naive=naive_selective_scan, torch=chunk_selective_scan,
@@ -41,9 +41,11 @@ def selective_scan(u: Tensor,
                    D: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None,
                    delta_softplus: bool = False,
+                   scale_input: bool = True,
                    backend: Optional[str] = None) -> Tensor:
     """``y_t = <C_t, h_t> + D u_t`` with ``h_t = exp(delta_t A) h_{t-1} +
-    delta_t B_t u_t`` per channel; B and C shared within each group.
+    delta_t B_t u_t`` per channel (``+ B_t u_t`` with ``scale_input=False``);
+    B and C shared within each group.
 
     Args:
         u (Tensor): ``[B, D_ch, L]``.
@@ -54,6 +56,9 @@ def selective_scan(u: Tensor,
         D (Tensor, optional): ``[D_ch]``. Defaults to None.
         delta_bias (Tensor, optional): ``[D_ch]``. Defaults to None.
         delta_softplus (bool): Softplus on the step. Defaults to False.
+        scale_input (bool): Multiply the input term by the step (Mamba);
+            False leaves it unscaled, so the step only sets the decay.
+            Defaults to True.
         backend (str, optional): ``'auto'``, ``'torch'``, ``'triton'`` or
             ``'naive'``.
             Defaults to None (the environment's choice, else ``'auto'``).
@@ -79,4 +84,5 @@ def selective_scan(u: Tensor,
         raise ValueError('selective_scan: B and C need the same groups')
     fp64 = 'float64 inputs' if u.dtype == torch.float64 else None
     run = dispatch('selective_scan', u, backend, IMPLS, fp64)
-    return run(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)
+    return run(u, delta, A, B, C, D, delta_bias, delta_softplus,
+               scale_input).to(u.dtype)

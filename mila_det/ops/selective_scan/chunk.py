@@ -136,16 +136,18 @@ def _step(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
     return pre, None
 
 
-def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor,
-                     B: Tensor) -> Tuple[Tensor, Tensor]:
-    """``a = exp(dt A)`` and ``b = dt u B``, both ``[B, G, L, N, Dg]`` (the
-    state index before the channel, so the innermost axis is long)."""
+def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor, B: Tensor,
+                     scale_input: bool = True) -> Tuple[Tensor, Tensor]:
+    """``a = exp(dt A)`` and ``b = dt u B`` (``u B`` without
+    ``scale_input``), both ``[B, G, L, N, Dg]`` (the state index before the
+    channel, so the innermost axis is long)."""
     groups, per_group = u.shape[1], u.shape[3]
     n_state = A.shape[1]
     A_g = A.to(dt.dtype).view(groups, per_group, n_state).transpose(1, 2)
     # Contiguous, so the recurrences view it rather than copy it each time.
     a = torch.mul(dt.unsqueeze(3), A_g.unsqueeze(1)).exp_().contiguous()
-    b = torch.mul(dt, u).unsqueeze(3)
+    b = (torch.mul(dt, u) if scale_input else u.to(dt.dtype, copy=True))
+    b = b.unsqueeze(3)
     if n_state == 1:
         b.mul_(B.to(dt.dtype).unsqueeze(-1))  # in place
     else:
@@ -183,10 +185,11 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
-                delta_softplus: bool, reverse: bool) -> Tensor:
+                delta_softplus: bool, reverse: bool,
+                scale_input: bool = True) -> Tensor:
         ct = _compute_dtype(u)
         dt, _ = _step(delta, delta_bias, delta_softplus, ct)
-        a, b = _decay_and_input(dt, u, A, B)
+        a, b = _decay_and_input(dt, u, A, B, scale_input)
         del dt
         h = _recurrence(a, b, out=b, reverse=reverse)  # in place: b is done
         del a
@@ -198,6 +201,7 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
             y.addcmul_(u, _per_channel(D, u, ct))
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
+        ctx.scale_input = scale_input
         return y
 
     @staticmethod
@@ -207,7 +211,7 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
         groups, per_group = u.shape[1], u.shape[3]
         n_state = A.shape[1]
         dt, pre = _step(delta, delta_bias, ctx.delta_softplus, ct)
-        a, b = _decay_and_input(dt, u, A, B)
+        a, b = _decay_and_input(dt, u, A, B, ctx.scale_input)
         h = _recurrence(a, b, reverse=ctx.reverse)
         dy = dy.to(ct).contiguous()
         B_, C_ = B.to(ct).unsqueeze(-1), C.to(ct).unsqueeze(-1)
@@ -227,11 +231,17 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
         d_log_a = g * h.sub_(b)
         del a, b, h
         A_g = A.to(ct).view(groups, per_group, n_state).transpose(1, 2)
-        g_b = (g * B_).sum(3)  # dL/d(dt u) without the D path
-        d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3).addcmul_(g_b, u)
+        # dL/d(dt u) without the D path (dL/du without scale_input)
+        g_b = (g * B_).sum(3)
+        d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3)
         dA = (d_log_a * dt.unsqueeze(3)).sum((0, 2)).transpose(1, 2)
-        du = g_b.mul_(dt)
-        dB = (g * (dt * u).unsqueeze(3)).sum(-1)
+        if ctx.scale_input:
+            d_dt.addcmul_(g_b, u)
+            du = g_b.mul_(dt)
+            dB = (g * (dt * u).unsqueeze(3)).sum(-1)
+        else:
+            du = g_b
+            dB = (g * u.to(ct).unsqueeze(3)).sum(-1)
         dD = None
         if D is not None:
             du.addcmul_(dy, _per_channel(D, u, ct))
@@ -244,14 +254,15 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
                   if delta_bias is not None else None)
         return (du.to(u.dtype), d_dt.to(delta.dtype),
                 dA.reshape(A.shape).to(A.dtype), dB.to(B.dtype),
-                dC.to(C.dtype), dD, d_bias, None, None)
+                dC.to(C.dtype), dD, d_bias, None, None, None)
 
 
 def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                           C: Tensor, D: Optional[Tensor] = None,
                           delta_bias: Optional[Tensor] = None,
                           delta_softplus: bool = False,
-                          reverse: bool = False) -> Tensor:
+                          reverse: bool = False,
+                          scale_input: bool = True) -> Tensor:
     """The selective scan with tokens before channels (the CPU fast path):
     the channel-first tensors of :func:`selective_scan` with their last two
     axes swapped, so each time step of a group is one contiguous row.
@@ -269,6 +280,8 @@ def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
         reverse (bool): Scan from the last token to the first (the result
             equals scanning the inputs flipped along L, flipped back).
             Defaults to False.
+        scale_input (bool): Multiply the input term by the step; False
+            runs ``h_t = exp(dt_t A) h_{t-1} + B_t u_t``. Defaults to True.
 
     Returns:
         Tensor: ``[B, G, L, Dg]`` fp32 (fp64 for fp64 inputs).
@@ -289,13 +302,14 @@ def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 f'{(batch, groups, length, n_state)}, got {tuple(t.shape)}')
     return ChunkSelectiveScanTokensFunction.apply(
         u.contiguous(), delta.contiguous(), A, B.contiguous(),
-        C.contiguous(), D, delta_bias, delta_softplus, reverse)
+        C.contiguous(), D, delta_bias, delta_softplus, reverse, scale_input)
 
 
 def chunk_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                            C: Tensor, D: Optional[Tensor] = None,
                            delta_bias: Optional[Tensor] = None,
-                           delta_softplus: bool = False) -> Tensor:
+                           delta_softplus: bool = False,
+                           scale_input: bool = True) -> Tensor:
     """Chunked selective scan in the channel-first layout; same arguments and
     result as :func:`~mila_det.ops.selective_scan.naive.naive_selective_scan`
     (it transposes to :func:`chunk_selective_scan_tokens` and back)."""
@@ -307,5 +321,6 @@ def chunk_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
 
     y = chunk_selective_scan_tokens(tokens(u), tokens(delta), A,
                               B.transpose(2, 3), C.transpose(2, 3), D,
-                              delta_bias, delta_softplus)
+                              delta_bias, delta_softplus,
+                              scale_input=scale_input)
     return y.transpose(2, 3).reshape(batch, channels, length)

@@ -20,7 +20,8 @@ def naive_selective_scan(u: Tensor,
                          C: Tensor,
                          D: Optional[Tensor] = None,
                          delta_bias: Optional[Tensor] = None,
-                         delta_softplus: bool = False) -> Tensor:
+                         delta_softplus: bool = False,
+                         scale_input: bool = True) -> Tensor:
     """Selective scan, one token at a time.
 
     With ``G`` groups of ``D_ch / G`` channels each (channel ``d`` belongs to
@@ -29,6 +30,9 @@ def naive_selective_scan(u: Tensor,
         delta_t = softplus(delta_t + delta_bias)       (if delta_softplus)
         h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
         y_t     = <C_t, h_t> + D * u_t
+
+    (``scale_input=False`` drops the step from the input term:
+    ``h_t = exp(delta_t * A) * h_{t-1} + B_t * u_t``.)
 
     Args:
         u (Tensor): Input ``[B, D_ch, L]``.
@@ -39,6 +43,9 @@ def naive_selective_scan(u: Tensor,
         D (Tensor, optional): Skip weight ``[D_ch]``. Defaults to None.
         delta_bias (Tensor, optional): ``[D_ch]``. Defaults to None.
         delta_softplus (bool): Apply softplus to the step. Defaults to False.
+        scale_input (bool): Multiply the input term by the step (Mamba's
+            discretisation); False adds ``B_t u_t`` unscaled, so the step
+            only enters through the decay. Defaults to True.
 
     Returns:
         Tensor: ``y: [B, D_ch, L]`` in fp32 (fp64 for fp64 inputs).
@@ -55,7 +62,9 @@ def naive_selective_scan(u: Tensor,
     Bx = B.to(dtype).repeat_interleave(per_group, dim=1)  # [B, D_ch, N, L]
     Cx = C.to(dtype).repeat_interleave(per_group, dim=1)
     decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
-    drive = delta[:, :, None, :] * Bx * u[:, :, None, :]
+    drive = Bx * u[:, :, None, :]
+    if scale_input:
+        drive = delta[:, :, None, :] * drive
     h = u.new_zeros(batch, channels, n_state)
     ys = []
     for t in range(length):

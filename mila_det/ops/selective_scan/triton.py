@@ -1,20 +1,62 @@
-"""Triton kernels of the selective scan with grouped B and C.
+"""Triton kernels of the selective scan (S6) with grouped B and C.
 
-Grid: one program per (channel block, group, batch item); every channel of a
-program shares its group's B and C. The forward walks the sequence once,
-keeping the ``[BLOCK_D, N]`` state in fp32 registers, and writes y (and,
-when gradients are needed, the states, so the backward need not recompute
-them). The backward walks the sequence in reverse, carrying
-``g_t = dL/dh_t``; per-program partial sums of dB, dC, dA, dD and the bias
-gradient are reduced on the host, so no atomics are needed and results are
-deterministic.
+"Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu and
+Dao, 2023), in VMamba's grouped form (Liu et al., NeurIPS 2024). The scan
+runs parallel over the sequence: the tokens are cut into segments of
+``BLOCK_T`` tokens, and one program owns one ``[BLOCK_D, BLOCK_T]`` tile
+(a block of channels of one group, one segment, one batch item), contiguous
+along L. Inside a tile the recurrence ``h_t = a_t h_{t-1} + b_t`` is a
+``tl.associative_scan`` along the token axis over the pairs ``(a, b)`` with
+``(a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2)``, one state index ``n`` at a
+time (a loop over n keeps the registers of a 2-D tile for every N).
+
+Forward, three launches:
+
+1. ``selective_scan_chunk_fwd_kernel``: every segment's end state from a
+   zero start and its total decay, all segments at once;
+2. ``selective_scan_carry_kernel``: a scan over the segments
+   (``[B, D_ch, N, n_seg]`` rows) gives the state entering every segment;
+3. ``selective_scan_fwd_kernel``: every segment again from its true start
+   state, writing y.
+
+Only the segment start states (``[B, D_ch, N, n_seg]`` fp32) are kept for
+the backward, and only when a gradient is needed (grad mode on and an input
+requiring it). The backward mirrors this: ``selective_scan_chunk_bwd_kernel``
+gives each segment's local ``dL/dh`` at its first token and the product of
+its decays, the carry kernel run right to left gives the ``dL/dh`` entering
+each segment from the right, and ``selective_scan_bwd_kernel`` recomputes
+the states of a segment from its saved start, scans ``dL/dh`` backwards and
+writes every gradient. Sums across programs (dA, dD, the bias gradient, and
+dB / dC over a group's channel blocks) are written as per-program partials
+and reduced on the host: deterministic, no atomics. States and gradients
+accumulate in fp32 whatever the input dtype.
+
+Under Triton's interpreter (CPU tests) the in-tile scan runs as the same
+recurrence in numpy (:func:`_interpreted_scan`): the interpreter's generic
+``associative_scan`` calls the combine function once per element. Tile and
+segment sizes are launch parameters (``block_t=`` for tests).
 """
-from typing import Optional
+import os
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._guard import device_guard
+from .._report import KernelLaunch, KernelVariant, signature
+
+# Tokens per segment (one tile); channels per tile and warps of the forward
+# kernels, of the backward's first pass and of its second: the largest tiles
+# that compile for sm_80 / sm_90 without spilling (kernel_report.py).
+BLOCK_T = 128
+FWD_BLOCK_D, FWD_WARPS = 16, 8
+CHUNK_BWD_BLOCK_D, CHUNK_BWD_WARPS = 16, 8
+BWD_BLOCK_D, BWD_WARPS = 8, 8
+CARRY_BLOCK_S, CARRY_WARPS = 512, 2
 
 
 @triton.jit
@@ -23,197 +65,615 @@ def _softplus(x):
 
 
 @triton.jit
-def selective_scan_fwd_kernel(u, delta, A, B, C, D, delta_bias, y, states,
-                              DCH, L, DG, N, HAS_D: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                              SAVE_STATES: tl.constexpr,
-                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_d, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G = DCH // DG
-    o_dg = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_dg < DG
-    o_d = i_g * DG + o_dg
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
-    b_A = tl.load(A + o_d[:, None] * N + o_n[None, :], mask=m_dn,
-                  other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    o_seq = (i_b.to(tl.int64) * DCH + o_d) * L  # [BLOCK_D]
-    o_bc = ((i_b.to(tl.int64) * G + i_g) * N + o_n) * L  # [BLOCK_N]
-    o_state = o_seq[:, None] * N + o_n[None, :] * L  # [BLOCK_D, BLOCK_N]
-    b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    for t in range(L):
-        b_u = tl.load(u + o_seq + t, mask=m_d, other=0.0).to(tl.float32)
-        b_dt = tl.load(delta + o_seq + t, mask=m_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_dt += b_bias
-        if SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_B = tl.load(B + o_bc + t, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(C + o_bc + t, mask=m_n, other=0.0).to(tl.float32)
-        b_h = tl.exp(b_dt[:, None] * b_A) * b_h + \
-            (b_dt * b_u)[:, None] * b_B[None, :]
-        if SAVE_STATES:
-            tl.store(states + o_state + t, b_h, mask=m_dn)
-        b_y = tl.sum(b_h * b_C[None, :], axis=1)
-        if HAS_D:
-            b_y += b_D * b_u
-        tl.store(y + o_seq + t, b_y, mask=m_d)
+def _combine(a1, b1, a2, b2):
+    """``h -> a2 (a1 h + b1) + b2``: step 1, then step 2."""
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
-def selective_scan_bwd_kernel(u, delta, A, B, C, D, delta_bias, states, dy,
-                              du, ddelta, dB, dC, dA, dD, dbias, DCH, L, DG,
-                              N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
-    i_d, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    G = DCH // DG
-    NBLK = tl.num_programs(0)
-    o_dg = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+def _scan(b_a, b_b, AXIS: tl.constexpr, REVERSE: tl.constexpr):
+    """``h_t = a_t h_{t-1} + b_t`` from a zero start along ``AXIS`` (right
+    to left when ``REVERSE``): the cumulative ``(prod a, h)``."""
+    return tl.associative_scan((b_a, b_b), AXIS, _combine, reverse=REVERSE)
+
+
+def _interpreted_scan(b_a, b_b, axis, reverse):
+    """:func:`_scan` for Triton's interpreter, whose generic scan calls the
+    combine function once per element (minutes per test): the same
+    recurrence, one numpy step per token over the whole tile."""
+    from triton.runtime.interpreter import TensorHandle
+    axis = int(getattr(axis, 'value', axis))
+    reverse = bool(getattr(reverse, 'value', reverse))
+    a = np.moveaxis(b_a.handle.data, axis, 0)
+    b = np.moveaxis(b_b.handle.data, axis, 0)
+    if reverse:
+        a, b = a[::-1], b[::-1]
+    pa, pb = np.empty_like(a), np.empty_like(b)
+    pa[0], pb[0] = a[0], b[0]
+    for t in range(1, a.shape[0]):
+        pa[t] = pa[t - 1] * a[t]
+        pb[t] = a[t] * pb[t - 1] + b[t]
+    if reverse:
+        pa, pb = pa[::-1], pb[::-1]
+    return tuple(
+        tl.core.tensor(TensorHandle(
+            np.ascontiguousarray(np.moveaxis(x, 0, axis)), t.dtype.scalar),
+            t.type) for x, t in ((pa, b_a), (pb, b_b)))
+
+
+# Triton reads TRITON_INTERPRET once, when imported; so does this module.
+INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+if INTERPRET:
+    _scan = _interpreted_scan  # noqa: F811
+
+
+@triton.jit
+def _load_step(delta, delta_bias, o_row, o_t, m_dt, o_d, m_d,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The step ``dt`` of a ``[BLOCK_D, BLOCK_T]`` tile (0 outside the
+    sequence, so those tokens neither decay nor add) and its pre-softplus
+    value."""
+    b_pre = tl.load(delta + o_row[:, None] + o_t[None, :], mask=m_dt,
+                    other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_pre += tl.load(delta_bias + o_d, mask=m_d,
+                         other=0.0).to(tl.float32)[:, None]
+    if SOFTPLUS:
+        b_dt = _softplus(b_pre)
+    else:
+        b_dt = b_pre
+    return tl.where(m_dt, b_dt, 0.0), b_pre
+
+
+@triton.jit
+def selective_scan_chunk_fwd_kernel(u, delta, A, B, delta_bias, ends, decays,
+                                    DCH, L, DG, N, NSEG,
+                                    HAS_BIAS: tl.constexpr,
+                                    SOFTPLUS: tl.constexpr,
+                                    SCALE_INPUT: tl.constexpr,
+                                    BLOCK_D: tl.constexpr,
+                                    BLOCK_T: tl.constexpr):
+    """Pass 1: each segment's end state from a zero start, and its decay
+    ``prod_t a_t`` (``ends, decays: [B, D_ch, N, n_seg]``)."""
+    i_s, i_dg, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_dblk = tl.cdiv(DG, BLOCK_D)
+    i_g, i_db = i_dg // n_dblk, i_dg % n_dblk
+    o_dg = i_db * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_dg < DG
     o_d = i_g * DG + o_dg
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
-    b_A = tl.load(A + o_d[:, None] * N + o_n[None, :], mask=m_dn,
+    o_t = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < L
+    m_dt = m_d[:, None] & m_t[None, :]
+    o_row = (i_b.to(tl.int64) * DCH + o_d) * L  # [BLOCK_D]
+    b_dt, _ = _load_step(delta, delta_bias, o_row, o_t, m_dt, o_d, m_d,
+                         HAS_BIAS, SOFTPLUS)
+    b_x = tl.load(u + o_row[:, None] + o_t[None, :], mask=m_dt,
                   other=0.0).to(tl.float32)
+    if SCALE_INPUT:
+        b_x = b_x * b_dt
+    m_last = (tl.arange(0, BLOCK_T) == BLOCK_T - 1)[None, :]
+    o_bc = (i_b.to(tl.int64) * (DCH // DG) + i_g) * N
+    o_state = (i_b.to(tl.int64) * DCH + o_d) * N * NSEG + i_s
+    for n in range(N):
+        o_bcn = o_bc * L + n * L  # row n of B / C (n * L < 2^31)
+        b_A = tl.load(A + o_d * N + n, mask=m_d, other=0.0).to(tl.float32)
+        b_B = tl.load(B + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_a = tl.exp(b_dt * b_A[:, None])
+        b_b = b_x * b_B[None, :]
+        b_pa, b_pb = _scan(b_a, b_b, 1, False)
+        b_end = tl.sum(tl.where(m_last, b_pb, 0.0), axis=1)
+        b_decay = tl.sum(tl.where(m_last, b_pa, 0.0), axis=1)
+        tl.store(ends + o_state + n * NSEG, b_end, mask=m_d)
+        tl.store(decays + o_state + n * NSEG, b_decay, mask=m_d)
+
+
+@triton.jit
+def selective_scan_carry_kernel(decays, values, out, ROWS, NSEG,
+                                REVERSE: tl.constexpr,
+                                BLOCK_R: tl.constexpr,
+                                BLOCK_S: tl.constexpr):
+    """Pass over the segments of ``BLOCK_R`` rows of ``[ROWS, n_seg]``:
+    with ``c_s = decays_s c_{s-1} + values_s`` (``c_{s+1}`` on the right
+    when ``REVERSE``), ``out_s`` is the carry entering segment s, i.e.
+    ``c_{s-1}`` (``c_{s+1}``), and 0 for the first (last) segment."""
+    i_r = tl.program_id(0)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < ROWS
+    o_base = o_r.to(tl.int64)[:, None] * NSEG  # [BLOCK_R, 1]
+    o_blk = tl.arange(0, BLOCK_S)[None, :]
+    if REVERSE:
+        tl.store(out + o_base + NSEG - 1, 0.0, mask=m_r[:, None])
+    else:
+        tl.store(out + o_base, 0.0, mask=m_r[:, None])
+    b_c = tl.zeros([BLOCK_R], dtype=tl.float32)  # the carry so far
+    for i in range(tl.cdiv(NSEG, BLOCK_S)):
+        if REVERSE:
+            o_s = NSEG - (i + 1) * BLOCK_S + o_blk
+        else:
+            o_s = i * BLOCK_S + o_blk
+        m_s = m_r[:, None] & (o_s >= 0) & (o_s < NSEG)
+        b_a = tl.load(decays + o_base + o_s, mask=m_s, other=1.0)
+        b_v = tl.load(values + o_base + o_s, mask=m_s, other=0.0)
+        b_pa, b_pv = _scan(b_a, b_v, 1, REVERSE)
+        b_h = b_pa * b_c[:, None] + b_pv
+        if REVERSE:
+            tl.store(out + o_base + o_s - 1, b_h, mask=m_s & (o_s >= 1))
+            b_c = tl.sum(tl.where(o_blk == 0, b_h, 0.0), axis=1)
+        else:
+            tl.store(out + o_base + o_s + 1, b_h,
+                     mask=m_s & (o_s + 1 < NSEG))
+            b_c = tl.sum(tl.where(o_blk == BLOCK_S - 1, b_h, 0.0), axis=1)
+
+
+@triton.jit
+def selective_scan_fwd_kernel(u, delta, A, B, C, D, delta_bias, starts, y,
+                              DCH, L, DG, N, NSEG, HAS_D: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                              SCALE_INPUT: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pass 2: each segment from its start state (``starts:
+    [B, D_ch, N, n_seg]``); ``y = sum_n C_n h_n + D u`` in fp32."""
+    i_s, i_dg, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_dblk = tl.cdiv(DG, BLOCK_D)
+    i_g, i_db = i_dg // n_dblk, i_dg % n_dblk
+    o_dg = i_db * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dg < DG
+    o_d = i_g * DG + o_dg
+    o_t = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < L
+    m_dt = m_d[:, None] & m_t[None, :]
+    o_row = (i_b.to(tl.int64) * DCH + o_d) * L
+    b_dt, _ = _load_step(delta, delta_bias, o_row, o_t, m_dt, o_d, m_d,
+                         HAS_BIAS, SOFTPLUS)
+    b_u = tl.load(u + o_row[:, None] + o_t[None, :], mask=m_dt,
+                  other=0.0).to(tl.float32)
+    if SCALE_INPUT:
+        b_x = b_u * b_dt
+    else:
+        b_x = b_u
     if HAS_D:
         b_D = tl.load(D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(delta_bias + o_d, mask=m_d, other=0.0).to(tl.float32)
-    o_seq = (i_b.to(tl.int64) * DCH + o_d) * L
-    o_bc = ((i_b.to(tl.int64) * G + i_g) * N + o_n) * L
-    o_state = o_seq[:, None] * N + o_n[None, :] * L
-    # partial dB / dC of this program: [B, G, NBLK, N, L]
-    o_part = (((i_b.to(tl.int64) * G + i_g) * NBLK + i_d) * N + o_n) * L
-    b_g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # a_{t+1} g_{t+1}
-    b_dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dD = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(L):
-        t = L - 1 - i
-        b_u = tl.load(u + o_seq + t, mask=m_d, other=0.0).to(tl.float32)
-        b_pre = tl.load(delta + o_seq + t, mask=m_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_pre += b_bias
-        if SOFTPLUS:
-            b_dt = _softplus(b_pre)
-        else:
-            b_dt = b_pre
-        b_B = tl.load(B + o_bc + t, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(C + o_bc + t, mask=m_n, other=0.0).to(tl.float32)
-        b_dy = tl.load(dy + o_seq + t, mask=m_d, other=0.0).to(tl.float32)
-        b_h = tl.load(states + o_state + t, mask=m_dn, other=0.0)
-        m_prev = m_dn & ((tl.zeros([BLOCK_D, BLOCK_N], tl.int32) + t) > 0)
-        b_hp = tl.load(states + o_state + t - 1, mask=m_prev, other=0.0)
-        b_a = tl.exp(b_dt[:, None] * b_A)
-        b_g += b_C[None, :] * b_dy[:, None]  # dL/dh_t
-        b_dlog = b_g * b_hp * b_a  # dL/d(delta_t A)
-        b_gB = tl.sum(b_g * b_B[None, :], axis=1)
-        b_ddt = tl.sum(b_dlog * b_A, axis=1) + b_gB * b_u
+        b_y = b_u * b_D[:, None]
+    else:
+        b_y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    o_bc = (i_b.to(tl.int64) * (DCH // DG) + i_g) * N
+    o_state = (i_b.to(tl.int64) * DCH + o_d) * N * NSEG + i_s
+    for n in range(N):
+        o_bcn = o_bc * L + n * L  # row n of B / C (n * L < 2^31)
+        b_A = tl.load(A + o_d * N + n, mask=m_d, other=0.0).to(tl.float32)
+        b_B = tl.load(B + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_C = tl.load(C + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_h0 = tl.load(starts + o_state + n * NSEG, mask=m_d, other=0.0)
+        b_pa, b_pb = _scan(tl.exp(b_dt * b_A[:, None]), b_x * b_B[None, :],
+                           1, False)
+        b_y += (b_pa * b_h0[:, None] + b_pb) * b_C[None, :]
+    tl.store(y + o_row[:, None] + o_t[None, :], b_y, mask=m_dt)
+
+
+@triton.jit
+def selective_scan_chunk_bwd_kernel(delta, A, C, delta_bias, dy, locals_,
+                                    decays, DCH, L, DG, N, NSEG,
+                                    HAS_BIAS: tl.constexpr,
+                                    SOFTPLUS: tl.constexpr,
+                                    BLOCK_D: tl.constexpr,
+                                    BLOCK_T: tl.constexpr):
+    """Backward pass 1: with ``g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}``,
+    each segment's ``g`` at its first token from a zero carry on its right
+    (``locals_``) and ``prod_t a_{t+1}`` over its tokens (``decays``), both
+    ``[B, D_ch, N, n_seg]``."""
+    i_s, i_dg, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_dblk = tl.cdiv(DG, BLOCK_D)
+    i_g, i_db = i_dg // n_dblk, i_dg % n_dblk
+    o_dg = i_db * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dg < DG
+    o_d = i_g * DG + o_dg
+    o_t = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < L
+    m_dt = m_d[:, None] & m_t[None, :]
+    m_next = m_d[:, None] & (o_t + 1 < L)[None, :]
+    o_row = (i_b.to(tl.int64) * DCH + o_d) * L
+    # the next token's step: its decay carries g_{t+1} to t
+    b_dtn, _ = _load_step(delta, delta_bias, o_row, o_t + 1, m_next, o_d,
+                          m_d, HAS_BIAS, SOFTPLUS)
+    b_dy = tl.load(dy + o_row[:, None] + o_t[None, :], mask=m_dt,
+                   other=0.0).to(tl.float32)
+    m_first = (tl.arange(0, BLOCK_T) == 0)[None, :]
+    o_bc = (i_b.to(tl.int64) * (DCH // DG) + i_g) * N
+    o_state = (i_b.to(tl.int64) * DCH + o_d) * N * NSEG + i_s
+    for n in range(N):
+        o_bcn = o_bc * L + n * L  # row n of B / C (n * L < 2^31)
+        b_A = tl.load(A + o_d * N + n, mask=m_d, other=0.0).to(tl.float32)
+        b_C = tl.load(C + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_pa, b_pg = _scan(tl.exp(b_dtn * b_A[:, None]),
+                           b_dy * b_C[None, :], 1, True)
+        b_local = tl.sum(tl.where(m_first, b_pg, 0.0), axis=1)
+        b_decay = tl.sum(tl.where(m_first, b_pa, 0.0), axis=1)
+        tl.store(locals_ + o_state + n * NSEG, b_local, mask=m_d)
+        tl.store(decays + o_state + n * NSEG, b_decay, mask=m_d)
+
+
+@triton.jit
+def selective_scan_bwd_kernel(u, delta, A, B, C, D, delta_bias, starts,
+                              carries, dy, du, ddelta, dB, dC, dA, dD, dbias,
+                              DCH, L, DG, N, NSEG, HAS_D: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                              SCALE_INPUT: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Backward pass 2: one segment's states from its saved start
+    (``starts``), ``g = dL/dh`` backwards from the carry entering on its
+    right (``carries``), and every gradient. du, ddelta: ``[B, D_ch, L]``;
+    per-program partials dB, dC: ``[B, G, n_dblk, N, L]``; dA:
+    ``[B, n_seg, D_ch, N]``; dD, dbias: ``[B, n_seg, D_ch]``."""
+    i_s, i_dg, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_dblk = tl.cdiv(DG, BLOCK_D)
+    i_g, i_db = i_dg // n_dblk, i_dg % n_dblk
+    o_dg = i_db * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dg < DG
+    o_d = i_g * DG + o_dg
+    o_t = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < L
+    m_dt = m_d[:, None] & m_t[None, :]
+    m_next = m_d[:, None] & (o_t + 1 < L)[None, :]
+    o_row = (i_b.to(tl.int64) * DCH + o_d) * L
+    o_tile = o_row[:, None] + o_t[None, :]
+    b_dt, b_pre = _load_step(delta, delta_bias, o_row, o_t, m_dt, o_d, m_d,
+                             HAS_BIAS, SOFTPLUS)
+    b_dtn, _ = _load_step(delta, delta_bias, o_row, o_t + 1, m_next, o_d,
+                          m_d, HAS_BIAS, SOFTPLUS)
+    b_u = tl.load(u + o_tile, mask=m_dt, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy + o_tile, mask=m_dt, other=0.0).to(tl.float32)
+    if SCALE_INPUT:
+        b_x = b_u * b_dt
+    else:
+        b_x = b_u
+    b_ddt = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    b_gB = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)  # sum_n g_n B_n
+    o_bc = (i_b.to(tl.int64) * (DCH // DG) + i_g) * N
+    o_part = ((i_b.to(tl.int64) * (DCH // DG) + i_g) * n_dblk + i_db) * N
+    o_state = (i_b.to(tl.int64) * DCH + o_d) * N * NSEG + i_s
+    o_dA = ((i_b.to(tl.int64) * NSEG + i_s) * DCH + o_d) * N
+    for n in range(N):
+        o_bcn = o_bc * L + n * L  # row n of B / C (n * L < 2^31)
+        o_partn = o_part * L + n * L
+        b_A = tl.load(A + o_d * N + n, mask=m_d, other=0.0).to(tl.float32)
+        b_B = tl.load(B + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_C = tl.load(C + o_bcn + o_t, mask=m_t,
+                      other=0.0).to(tl.float32)
+        b_h0 = tl.load(starts + o_state + n * NSEG, mask=m_d, other=0.0)
+        b_gc = tl.load(carries + o_state + n * NSEG, mask=m_d, other=0.0)
+        b_b = b_x * b_B[None, :]
+        b_pa, b_pb = _scan(tl.exp(b_dt * b_A[:, None]), b_b, 1, False)
+        b_h = b_pa * b_h0[:, None] + b_pb
+        b_pa, b_pg = _scan(tl.exp(b_dtn * b_A[:, None]),
+                           b_dy * b_C[None, :], 1, True)
+        b_g = b_pa * b_gc[:, None] + b_pg  # dL/dh_t
+        # a_t h_{t-1} = h_t - b_t: dL/d(dt_t A) = g_t a_t h_{t-1}
+        b_dlog = b_g * (b_h - b_b)
+        b_ddt += b_dlog * b_A[:, None]
+        b_gB += b_g * b_B[None, :]
+        tl.store(dA + o_dA + n, tl.sum(b_dlog * b_dt, axis=1), mask=m_d)
+        tl.store(dB + o_partn + o_t, tl.sum(b_g * b_x, axis=0),
+                 mask=m_t)
+        tl.store(dC + o_partn + o_t, tl.sum(b_h * b_dy, axis=0),
+                 mask=m_t)
+    if SCALE_INPUT:
+        b_ddt += b_gB * b_u
         b_du = b_gB * b_dt
-        if HAS_D:
-            b_du += b_D * b_dy
-            b_dD += b_dy * b_u
-        b_dA += b_dlog * b_dt[:, None]
-        if SOFTPLUS:
-            b_ddt = b_ddt * tl.sigmoid(b_pre)
-        b_dbias += b_ddt
-        tl.store(du + o_seq + t, b_du, mask=m_d)
-        tl.store(ddelta + o_seq + t, b_ddt, mask=m_d)
-        b_dB = tl.sum(tl.where(m_dn, b_g * (b_dt * b_u)[:, None], 0.0),
-                      axis=0)
-        b_dC = tl.sum(tl.where(m_dn, b_h * b_dy[:, None], 0.0), axis=0)
-        tl.store(dB + o_part + t, b_dB, mask=m_n)
-        tl.store(dC + o_part + t, b_dC, mask=m_n)
-        b_g = b_g * b_a  # carried to t - 1 as a_t g_t
-    o_bd = i_b.to(tl.int64) * DCH + o_d
-    tl.store(dA + o_bd[:, None] * N + o_n[None, :], b_dA, mask=m_dn)
+    else:
+        b_du = b_gB
+    o_part_d = (i_b.to(tl.int64) * NSEG + i_s) * DCH + o_d
     if HAS_D:
-        tl.store(dD + o_bd, b_dD, mask=m_d)
+        b_D = tl.load(D + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_du += b_dy * b_D[:, None]
+        tl.store(dD + o_part_d, tl.sum(b_dy * b_u, axis=1), mask=m_d)
+    if SOFTPLUS:
+        b_ddt = b_ddt * tl.sigmoid(b_pre)
+    b_ddt = tl.where(m_dt, b_ddt, 0.0)
     if HAS_BIAS:
-        tl.store(dbias + o_bd, b_dbias, mask=m_d)
+        tl.store(dbias + o_part_d, tl.sum(b_ddt, axis=1), mask=m_d)
+    tl.store(du + o_tile, b_du, mask=m_dt)
+    tl.store(ddelta + o_tile, b_ddt, mask=m_dt)
 
 
-def _blocks(per_group: int, n_state: int):
-    block_d = min(64, triton.next_power_of_2(per_group))
-    block_n = max(1, triton.next_power_of_2(n_state))
-    return block_d, block_n, triton.cdiv(per_group, block_d)
+def _segments(length: int, block_t: Optional[int]) -> Tuple[int, int]:
+    """Tokens per segment and the number of segments."""
+    block_t = block_t or BLOCK_T
+    return block_t, triton.cdiv(length, block_t)
+
+
+def _block_d(block_d: int, per_group: int) -> int:
+    """Channels per tile: ``block_d`` (64 in the interpreter, where every
+    program costs), at most the group's width rounded up to a power of 2."""
+    return min(64 if INTERPRET else block_d,
+               triton.next_power_of_2(per_group))
+
+
+def _carry_rows(rows: int) -> int:
+    """Rows per program of the carry kernel: one, so that even N = 1 at
+    batch 1 spreads over the SMs, and more once there are many rows (all of
+    them in the interpreter, where every program costs)."""
+    if INTERPRET:
+        return min(256, triton.next_power_of_2(rows))
+    return max(1, min(16, 2 ** ((rows // 4096).bit_length() - 1)
+                      if rows >= 4096 else 1))
+
+
+def _carry(decays: Tensor, values: Tensor, reverse: bool,
+           block_s: int = CARRY_BLOCK_S) -> Tensor:
+    """:func:`selective_scan_carry_kernel` over ``[..., n_seg]`` rows
+    (``block_s`` segments at a time)."""
+    out = torch.empty_like(values)
+    rows, n_seg = values.numel() // values.shape[-1], values.shape[-1]
+    if rows:
+        block_r = _carry_rows(rows)
+        selective_scan_carry_kernel[(triton.cdiv(rows, block_r), )](
+            decays, values, out, rows, n_seg, reverse, block_r,
+            min(block_s, triton.next_power_of_2(n_seg)),
+            num_warps=CARRY_WARPS)
+    return out
 
 
 def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                        C: Tensor, D: Optional[Tensor],
                        delta_bias: Optional[Tensor], delta_softplus: bool,
-                       save_states: bool):
-    """Returns ``y: [B, D_ch, L]`` fp32 and the states ``[B, D_ch, N, L]``
-    fp32 (None unless ``save_states``)."""
+                       scale_input: bool = True,
+                       block_t: Optional[int] = None
+                       ) -> Tuple[Tensor, Tensor]:
+    """The forward launches on contiguous tensors.
+
+    Args:
+        u, delta: ``[B, D_ch, L]``; A: ``[D_ch, N]``; B, C:
+            ``[B, G, N, L]``; D, delta_bias: ``[D_ch]`` or None.
+        delta_softplus (bool): Softplus on the step.
+        scale_input (bool): ``b_t = dt_t B_t u_t`` (else ``B_t u_t``).
+            Defaults to True.
+        block_t (int, optional): Tokens per segment (a power of 2).
+            Defaults to :data:`BLOCK_T`.
+
+    Returns:
+        Tuple[Tensor, Tensor]: ``y: [B, D_ch, L]`` fp32 and the state
+        entering every segment, ``[B, D_ch, N, n_seg]`` fp32.
+    """
+    batch, channels, length = u.shape
+    groups, n_state = B.shape[1], A.shape[1]
+    if n_state * length >= 2**31:
+        # offsets across batch items and channels are int64; within one
+        # group's B / C they stay int32 (int64 ones there cost spills)
+        raise ValueError(f'selective_scan (triton): N * L = '
+                         f'{n_state * length} must stay below 2^31; use '
+                         'backend="torch"')
+    per_group = channels // groups
+    block_t, n_seg = _segments(length, block_t)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    y = torch.empty(batch, channels, length, **f32)
+    ends = torch.empty(batch, channels, n_state, n_seg, **f32)
+    decays = torch.empty_like(ends)
+    if y.numel() == 0:
+        return y, ends
+    block_d = _block_d(FWD_BLOCK_D, per_group)
+    grid = (n_seg, groups * triton.cdiv(per_group, block_d), batch)
+    selective_scan_chunk_fwd_kernel[grid](
+        u, delta, A, B, delta_bias, ends, decays, channels, length,
+        per_group, n_state, n_seg, delta_bias is not None, delta_softplus,
+        scale_input, block_d, block_t, num_warps=FWD_WARPS)
+    starts = _carry(decays, ends, reverse=False)
+    del ends, decays
+    selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, D, delta_bias, starts, y, channels, length,
+        per_group, n_state, n_seg, D is not None, delta_bias is not None,
+        delta_softplus, scale_input, block_d, block_t, num_warps=FWD_WARPS)
+    return y, starts
+
+
+def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                       C: Tensor, D: Optional[Tensor],
+                       delta_bias: Optional[Tensor], delta_softplus: bool,
+                       starts: Tensor, dy: Tensor, scale_input: bool = True,
+                       block_t: Optional[int] = None) -> Tuple:
+    """Gradients of every input of :func:`selective_scan_fwd` (fp32; None
+    for an absent D / delta_bias), from its saved segment start states
+    ``starts: [B, D_ch, N, n_seg]`` and ``dy: [B, D_ch, L]``."""
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], A.shape[1]
     per_group = channels // groups
-    block_d, block_n, n_blk = _blocks(per_group, n_state)
-    y = torch.empty(batch, channels, length, device=u.device,
-                    dtype=torch.float32)
-    states = (torch.empty(batch, channels, n_state, length, device=u.device,
-                          dtype=torch.float32) if save_states else y)
-    selective_scan_fwd_kernel[(n_blk, groups, batch)](
-        u, delta, A, B, C, D if D is not None else y,
-        delta_bias if delta_bias is not None else y, y, states, channels,
-        length, per_group, n_state, D is not None, delta_bias is not None,
-        delta_softplus, save_states, block_d, block_n)
-    return y, (states if save_states else None)
-
-
-def selective_scan_bwd(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                       states, dy):
-    """Gradients of every input of :func:`selective_scan_fwd`."""
-    batch, channels, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
-    per_group = channels // groups
-    block_d, block_n, n_blk = _blocks(per_group, n_state)
+    block_t, n_seg = _segments(length, block_t)
+    block_d = _block_d(BWD_BLOCK_D, per_group)
+    n_dblk = triton.cdiv(per_group, block_d)
+    block_d1 = _block_d(CHUNK_BWD_BLOCK_D, per_group)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, channels, length, **f32)
     ddelta = torch.empty(batch, channels, length, **f32)
-    dB = torch.empty(batch, groups, n_blk, n_state, length, **f32)
-    dC = torch.empty(batch, groups, n_blk, n_state, length, **f32)
-    dA = torch.empty(batch, channels, n_state, **f32)
-    dD = torch.empty(batch, channels, **f32)
-    dbias = torch.empty(batch, channels, **f32)
-    selective_scan_bwd_kernel[(n_blk, groups, batch)](
-        u, delta, A, B, C, D if D is not None else du,
-        delta_bias if delta_bias is not None else du, states,
-        dy.contiguous(), du, ddelta, dB, dC, dA, dD, dbias, channels, length,
-        per_group, n_state, D is not None, delta_bias is not None,
-        delta_softplus, block_d, block_n)
-    return (du, ddelta, dA.sum(0), dB.sum(2), dC.sum(2),
-            dD.sum(0) if D is not None else None,
-            dbias.sum(0) if delta_bias is not None else None)
+    dB = torch.empty(batch, groups, n_dblk, n_state, length, **f32)
+    dC = torch.empty(batch, groups, n_dblk, n_state, length, **f32)
+    dA = torch.zeros(batch, n_seg, channels, n_state, **f32)
+    dD = torch.zeros(batch, n_seg, channels, **f32) if D is not None else du
+    dbias = (torch.zeros(batch, n_seg, channels, **f32)
+             if delta_bias is not None else du)
+    if du.numel():
+        locals_ = torch.empty_like(starts)
+        decays = torch.empty_like(starts)
+        grid = (n_seg, groups * triton.cdiv(per_group, block_d1), batch)
+        selective_scan_chunk_bwd_kernel[grid](
+            delta, A, C, delta_bias, dy, locals_, decays, channels, length,
+            per_group, n_state, n_seg, delta_bias is not None,
+            delta_softplus, block_d1, block_t, num_warps=CHUNK_BWD_WARPS)
+        grid = (n_seg, groups * n_dblk, batch)
+        carries = _carry(decays, locals_, reverse=True)
+        del locals_, decays
+        selective_scan_bwd_kernel[grid](
+            u, delta, A, B, C, D, delta_bias, starts, carries, dy, du,
+            ddelta, dB, dC, dA, dD, dbias, channels, length, per_group,
+            n_state, n_seg, D is not None, delta_bias is not None,
+            delta_softplus, scale_input, block_d, block_t,
+            num_warps=BWD_WARPS)
+    else:
+        dB.zero_()
+        dC.zero_()
+    return (du, ddelta, dA.sum((0, 1)), dB.sum(2), dC.sum(2),
+            dD.sum((0, 1)) if D is not None else None,
+            dbias.sum((0, 1)) if delta_bias is not None else None)
 
 
 class SelectiveScanFunction(torch.autograd.Function):
-    """Selective scan on Triton kernels (forward and backward)."""
+    """Selective scan on the Triton kernels (forward and backward).
+
+    ``needs_grad`` says whether to keep the segment start states for a
+    backward; the caller decides it (inside ``forward`` grad mode is always
+    off), see :func:`triton_selective_scan`.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):
-        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
-        A = A.contiguous()
-        save = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[1:7])
-        y, states = selective_scan_fwd(u, delta, A, B, C, D, delta_bias,
-                                       delta_softplus, save)
-        ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
+                delta_softplus: bool, scale_input: bool = True,
+                needs_grad: bool = True,
+                block_t: Optional[int] = None) -> Tensor:
+        y, starts = selective_scan_fwd(u, delta, A, B, C, D, delta_bias,
+                                       delta_softplus, scale_input, block_t)
+        ctx.delta_softplus, ctx.scale_input = delta_softplus, scale_input
+        ctx.block_t, ctx.saved = block_t, needs_grad
+        if needs_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, starts)
         return y
 
     @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-        grads = selective_scan_bwd(u, delta, A, B, C, D, delta_bias,
-                                   ctx.delta_softplus, states, dy)
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        if not ctx.saved:
+            raise RuntimeError(
+                'selective_scan (triton): no states were kept for a backward '
+                '(the forward ran with needs_grad=False)')
+        u, delta, A, B, C, D, delta_bias, starts = ctx.saved_tensors
+        with device_guard('selective_scan', u=u, dy=dy):
+            grads = selective_scan_bwd(u, delta, A, B, C, D, delta_bias,
+                                       ctx.delta_softplus, starts,
+                                       dy.contiguous(), ctx.scale_input,
+                                       ctx.block_t)
         inputs = (u, delta, A, B, C, D, delta_bias)
         grads = tuple(None if g is None else g.to(x.dtype)
                       for g, x in zip(grads, inputs))
-        return (*grads, None)
+        return (*grads, None, None, None, None)
+
+
+def triton_selective_scan(u: Tensor,
+                          delta: Tensor,
+                          A: Tensor,
+                          B: Tensor,
+                          C: Tensor,
+                          D: Optional[Tensor] = None,
+                          delta_bias: Optional[Tensor] = None,
+                          delta_softplus: bool = False,
+                          scale_input: bool = True,
+                          block_t: Optional[int] = None) -> Tensor:
+    """The selective scan on the Triton kernels; arguments as
+    :func:`~mila_det.ops.selective_scan.selective_scan` (shapes are checked
+    there).
+
+    Every tensor must be on ``u``'s device (``ValueError`` naming the one
+    that is not); the launches run with that device current. States are kept
+    for a backward only when grad mode is on and an input requires a
+    gradient.
+
+    Args:
+        block_t (int, optional): Tokens per segment, a power of 2 (tests use
+            small ones). Defaults to :data:`BLOCK_T`.
+
+    Returns:
+        Tensor: ``[B, D_ch, L]`` fp32.
+    """
+    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D,
+                   delta_bias=delta_bias)
+    with device_guard('selective_scan', **tensors):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors.values())
+        args = [None if t is None else t.contiguous()
+                for t in tensors.values()]
+        return SelectiveScanFunction.apply(*args, delta_softplus,
+                                           scale_input, needs_grad, block_t)
+
+
+# ---------------------------------------------------------------------------
+# Declarations for tools/analysis/kernel_report.py (mila_det/ops/_report.py).
+
+_TYPES = dict(fp32='*fp32', bf16='*bf16', fp16='*fp16')
+_INPUTS = ('u', 'delta', 'B', 'C', 'dy')  # in the input dtype; rest fp32
+
+
+def _kernels():
+    """(kernel, constexprs, warps) for every kernel the host functions
+    launch, with VMamba's options (softplus, bias, D, scaled input)."""
+    flags = dict(HAS_BIAS=True, SOFTPLUS=True)
+    return [
+        (selective_scan_chunk_fwd_kernel,
+         dict(flags, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D, BLOCK_T=BLOCK_T),
+         FWD_WARPS),
+        (selective_scan_carry_kernel,
+         dict(REVERSE=False, BLOCK_R=1, BLOCK_S=CARRY_BLOCK_S), CARRY_WARPS),
+        (selective_scan_fwd_kernel,
+         dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D,
+              BLOCK_T=BLOCK_T), FWD_WARPS),
+        (selective_scan_chunk_bwd_kernel,
+         dict(flags, BLOCK_D=CHUNK_BWD_BLOCK_D, BLOCK_T=BLOCK_T),
+         CHUNK_BWD_WARPS),
+        (selective_scan_bwd_kernel,
+         dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=BWD_BLOCK_D,
+              BLOCK_T=BLOCK_T), BWD_WARPS),
+    ]
+
+
+def report_variants() -> List[KernelVariant]:
+    """Every kernel for u / delta / B / C (and dy) in fp32 / bf16 / fp16 and
+    d_state 1, 4, 16, 32 (N is a run-time loop bound, so the block sizes
+    and the code are the same for every N)."""
+    out = []
+    for dt, ptr in _TYPES.items():
+        for n_state in (1, 4, 16, 32):
+            for fn, const, warps in _kernels():
+                types = {a: ptr if a in _INPUTS else '*fp32'
+                         for a in fn.arg_names}
+                types.update(DCH='i32', L='i32', DG='i32', N='i32',
+                             NSEG='i32', ROWS='i32')
+                out.append(KernelVariant(
+                    fn.__name__, f'{dt} N{n_state}', fn,
+                    signature(fn, types, const), const, warps))
+    return out
+
+
+def report_launches() -> List[KernelLaunch]:
+    """VMamba-T stage 1 at 1x3x800x1280: 4 routes x 96 channels over
+    L = 200 x 320 tokens, 4 groups, N = 1, fp32, batch 1 and 2; a forward
+    and a backward (both carry launches under the carry kernel's name)."""
+    out = []
+    channels, groups, n_state, length = 384, 4, 1, 200 * 320
+    n_seg = triton.cdiv(length, BLOCK_T)
+    for batch in (1, 2):
+        model, detail = f'VMamba-T b{batch}', 'fp32 N1'
+        seq = batch * channels * length * 4  # one [B, D_ch, L] fp32 tensor
+        bc = batch * groups * n_state * length * 4  # one of B / C
+        seg = batch * channels * n_state * n_seg * 4  # one segment tensor
+        fwd = n_seg * groups * triton.cdiv(channels // groups,
+                                           FWD_BLOCK_D) * batch
+        bwd1 = n_seg * groups * triton.cdiv(channels // groups,
+                                            CHUNK_BWD_BLOCK_D) * batch
+        n_dblk = triton.cdiv(channels // groups, BWD_BLOCK_D)
+        bwd = n_seg * groups * n_dblk * batch
+        carry = batch * channels * n_state
+        out += [
+            KernelLaunch(model, 'selective_scan_chunk_fwd_kernel', detail,
+                         fwd, 2 * seq + bc + 2 * seg),
+            KernelLaunch(model, 'selective_scan_carry_kernel', detail,
+                         carry, 3 * seg),
+            KernelLaunch(model, 'selective_scan_fwd_kernel', detail, fwd,
+                         3 * seq + 2 * bc + seg),
+            KernelLaunch(model, 'selective_scan_chunk_bwd_kernel', detail,
+                         bwd1, 2 * seq + bc + 2 * seg),
+            KernelLaunch(model, 'selective_scan_bwd_kernel', detail, bwd,
+                         5 * seq + 2 * bc + 2 * n_dblk * bc + 2 * seg
+                         + batch * n_seg * channels * (n_state + 2) * 4),
+        ]
+    return out

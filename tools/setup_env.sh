@@ -23,6 +23,7 @@ check_imports() {
 import mmcv, mmdet, mmengine, torch, pycocotools  # noqa: F401
 from mmcv.ops import RoIAlign, nms  # noqa: F401  (compiled ops present)
 import mila_det  # noqa: F401
+import onnx, onnxruntime, onnxscript  # noqa: F401  (tests/deploy)
 PYEOF
 }
 
@@ -57,6 +58,8 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev
 fi
 
 "${PIP[@]}" "mmengine==0.10.7" "mmdet==3.3.0" pycocotools triton pytest matplotlib
+# ONNX export and its tests (setup.cfg's [deploy] extra; not needed to train).
+"${PIP[@]}" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.32.0"
 "${PIP[@]}" --no-build-isolation --no-deps -e "$ROOT"
 
 check_imports

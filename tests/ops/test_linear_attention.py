@@ -184,13 +184,16 @@ def test_triton_matches_reference(hw, channels, heads):
 
 @needs_triton()
 def test_triton_unsupported_inputs_run_in_pytorch_under_auto(monkeypatch):
-    """An odd head width and float64 have no Triton kernel: forcing Triton
-    says why; ``auto`` (on a device where it would pick Triton) runs PyTorch
+    """An odd head width, a head wider than 128 and float64 have no Triton
+    kernel: forcing Triton says why; ``auto`` (on a device where it would pick Triton) runs PyTorch
     instead of raising."""
     from mila_det.ops import _dispatch
     q, k, v = qkv(1, 12, 12)
     with pytest.raises(RuntimeError, match='head width must be even'):
         linear_attention(q, k, v, 4, (3, 4), backend='triton')
+    wide = qkv(1, 12, 260)
+    with pytest.raises(RuntimeError, match='up to 128 channels wide'):
+        linear_attention(*wide, 1, (3, 4), backend='triton')
     q64, k64, v64 = qkv(1, 12, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match='float64'):
         linear_attention(q64, k64, v64, 2, (3, 4), backend='triton')
@@ -205,9 +208,9 @@ def test_triton_unsupported_inputs_run_in_pytorch_under_auto(monkeypatch):
                         lambda *a: ran.append('triton') or naive(*a))
     monkeypatch.setitem(la.IMPLS, 'torch',
                         lambda *a: ran.append('torch') or naive(*a))
-    for args in ((q, k, v, 4), (q64, k64, v64, 2)):
+    for args in ((q, k, v, 4), (*wide, 1), (q64, k64, v64, 2)):
         linear_attention(*args, (3, 4))
-    assert ran == ['torch', 'torch']
+    assert ran == ['torch', 'torch', 'torch']
     linear_attention(*qkv(1, 12, 8), 2, (3, 4))  # even, fp32: the kernel
     assert ran[-1] == 'triton'
 

@@ -101,7 +101,8 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if h % 4 or w % 4:
+        # Traced for any size, the pad is unconditional (no guard on H, W).
+        if torch.compiler.is_compiling() or h % 4 or w % 4:
             x = F.pad(x, (0, -w % 4, 0, -h % 4))
         x = self.conv1(x)
         x = self.conv2(x) + x
@@ -123,7 +124,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if h % 2 or w % 2:
+        if torch.compiler.is_compiling() or h % 2 or w % 2:
             x = F.pad(x, (0, w % 2, 0, h % 2))
         return self.conv(x)
 

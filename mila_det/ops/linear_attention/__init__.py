@@ -20,7 +20,8 @@ from .parallel import parallel_linear_attention
 __all__ = [
     'linear_attention', 'rope_table', 'apply_rope', 'build_rope_table',
     'grid_rope_table', 'RopeTableCache', 'ROPE_CACHE',
-    'naive_linear_attention', 'parallel_linear_attention'
+    'naive_linear_attention', 'parallel_linear_attention',
+    'dispatch_linear_attention'
 ]
 
 
@@ -117,6 +118,10 @@ def rope_table(height: int, width: int, channels: int,
     it.
     """
     device = torch.device(device if device is not None else 'cpu')
+    if torch.compiler.is_compiling():
+        # Traced from the (possibly symbolic) grid size with real
+        # arithmetic: the cache keys by Python ints and would specialise.
+        return grid_rope_table(height, width, channels, device)
     # Built outside inference mode so a table first made during inference
     # can still be used by a later training step.
     with torch.inference_mode(False), torch.no_grad():
@@ -167,10 +172,26 @@ def linear_attention(q: Tensor,
         raise ValueError(f'linear_attention: RoPE table of shape '
                          f'{tuple(rope.shape)} does not fit N={n}, C={c}; '
                          f'expected {(n, c // 2, 2)}')
+    if torch.compiler.is_compiling():
+        # One node for torch.compile / torch.export (see ops/_custom_ops).
+        return torch.ops.mila_det.linear_attention(q, k, v, rope, num_heads,
+                                                   eps, backend)
+    return dispatch_linear_attention(q, k, v, num_heads, rope, eps, backend)
+
+
+def dispatch_linear_attention(q: Tensor, k: Tensor, v: Tensor,
+                              num_heads: int, rope: Tensor, eps: float,
+                              backend: Optional[str]) -> Tensor:
+    """:func:`linear_attention` on checked inputs and a RoPE table: the
+    implementation :mod:`~mila_det.ops._dispatch` picks, run eagerly."""
+    c = q.shape[-1]
     unsupported = None
     if (c // num_heads) % 2:
         unsupported = ('the kernel rotates channel pairs within a head, so '
                        f'the head width must be even (got {c // num_heads})')
+    elif c // num_heads > 128:
+        unsupported = ('the kernels hold a head in registers, up to 128 '
+                       f'channels wide (got {c // num_heads})')
     elif q.dtype == torch.float64:
         unsupported = 'float64 inputs'
     run = dispatch('linear_attention', q, backend, IMPLS, unsupported)

@@ -4,7 +4,8 @@ per operator instead of tracing into Python autograd Functions and Triton
 launches.
 
 Eager code is untouched: the public functions (``linear_attention``,
-``cross_selective_scan``, ``cross_scan``, ``cross_merge``) call
+``cross_selective_scan``, ``cross_scan``, ``cross_merge``,
+``forget_gate_attention``) call
 :func:`~mila_det.ops._dispatch.dispatch` directly, and only while a graph is
 being captured (``torch.compiler.is_compiling()``) do they call
 ``torch.ops.mila_det.<op>`` instead. Each op here has
@@ -36,6 +37,7 @@ from .cross_scan.naive import naive_cross_merge, naive_cross_scan
 from .cross_selective_scan import dispatch_cross_selective_scan
 from .cross_selective_scan.naive import (compose_cross_selective_scan,
                                          scan_parameters)
+from .forget_gate import dispatch_forget_gate_attention
 from .linear_attention import dispatch_linear_attention
 from .linear_attention.naive import apply_rope
 from .selective_scan.chunk import linear_recurrence as chunk_recurrence
@@ -208,6 +210,67 @@ torch.library.register_autograd('mila_det::cross_selective_scan',
 
 
 # ---------------------------------------------------------------------------
+# forget_gate_attention(q, k, v, delta, A, num_heads, eps, normalize,
+#                       scale_input, backend) -> [B, L, H*dv]
+# ---------------------------------------------------------------------------
+@torch.library.custom_op('mila_det::forget_gate_attention', mutates_args=())
+def forget_gate_attention_op(q: Tensor, k: Tensor, v: Tensor, delta: Tensor,
+                             A: Tensor, num_heads: int, eps: float,
+                             normalize: bool, scale_input: bool,
+                             backend: Optional[str] = None) -> Tensor:
+    """Causal linear attention with Mamba's forget gate (see
+    :func:`mila_det.ops.forget_gate_attention`)."""
+    return dispatch_forget_gate_attention(q, k, v, delta, A, num_heads, eps,
+                                          normalize, scale_input,
+                                          backend).to(q.dtype).contiguous()
+
+
+@forget_gate_attention_op.register_fake
+def _(q, k, v, delta, A, num_heads, eps, normalize, scale_input,
+      backend=None):
+    return torch.empty_like(v, dtype=q.dtype,
+                            memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op('mila_det::forget_gate_attention_backward',
+                         mutates_args=())
+def forget_gate_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor,
+                                      v: Tensor, delta: Tensor, A: Tensor,
+                                      num_heads: int, eps: float,
+                                      normalize: bool, scale_input: bool,
+                                      backend: Optional[str] = None
+                                      ) -> List[Tensor]:
+    """Gradients of :func:`forget_gate_attention_op` for its five
+    tensors."""
+    return _recompute_grads(dispatch_forget_gate_attention, grad,
+                            [q, k, v, delta, A],
+                            (num_heads, eps, normalize, scale_input,
+                             backend))
+
+
+@forget_gate_attention_backward_op.register_fake
+def _(grad, q, k, v, delta, A, num_heads, eps, normalize, scale_input,
+      backend=None):
+    return [torch.empty_like(t) for t in (q, k, v, delta, A)]
+
+
+def _forget_gate_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:5])
+    ctx.args = inputs[5:]
+
+
+def _forget_gate_backward(ctx, grad):
+    grads = torch.ops.mila_det.forget_gate_attention_backward(
+        grad, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd('mila_det::forget_gate_attention',
+                                _forget_gate_backward,
+                                setup_context=_forget_gate_setup)
+
+
+# ---------------------------------------------------------------------------
 # cross_scan(x) -> [B, 4, C, L] and cross_merge(y, H, W) -> [B, C, L]: each
 # the other's adjoint, so each one's backward is the other op.
 # ---------------------------------------------------------------------------
@@ -348,7 +411,8 @@ def chunked_recurrence(a: Tensor, b: Tensor,
 def export_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                           C: Tensor, D: Optional[Tensor] = None,
                           delta_bias: Optional[Tensor] = None,
-                          delta_softplus: bool = False) -> Tensor:
+                          delta_softplus: bool = False,
+                          scale_input: bool = True) -> Tensor:
     """The selective scan of
     :func:`~mila_det.ops.selective_scan.naive.naive_selective_scan` (same
     arguments and result) on :func:`chunked_recurrence`."""
@@ -368,7 +432,9 @@ def export_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                 batch, channels, n_state, length)
 
     decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
-    drive = delta[:, :, None, :] * per_channel(B) * u[:, :, None, :]
+    drive = per_channel(B) * u[:, :, None, :]
+    if scale_input:
+        drive = delta[:, :, None, :] * drive
 
     def tokens(t: Tensor) -> Tensor:  # [B, Dch, N, L] -> [L, B*Dch*N]
         return t.permute(3, 0, 1, 2).reshape(length, -1)
@@ -417,6 +483,35 @@ def export_linear_attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor,
     return out.transpose(1, 2).reshape(b, n, c).to(q.dtype)
 
 
+def export_forget_gate_attention(q: Tensor, k: Tensor, v: Tensor,
+                                 delta: Tensor, A: Tensor, num_heads: int,
+                                 eps: float, normalize: bool,
+                                 scale_input: bool,
+                                 backend: Optional[str] = None) -> Tensor:
+    """``mila_det::forget_gate_attention`` as traceable PyTorch: the
+    numerator is :func:`export_selective_scan` with ``u = v``, ``B = k``,
+    ``C = q`` and one group per head; the normaliser a cumulative sum."""
+    batch, length, qk_ch = q.shape
+    d_k = qk_ch // num_heads
+    ct = torch.promote_types(q.dtype, torch.float32)
+
+    def groups(t: Tensor) -> Tensor:  # [B, L, H*dk] -> [B, H, dk, L]
+        return t.to(ct).reshape(batch, length, num_heads,
+                                d_k).permute(0, 2, 3, 1)
+
+    y = export_selective_scan(v.to(ct).transpose(1, 2),
+                              delta.to(ct).transpose(1, 2), A.to(ct),
+                              groups(k), groups(q),
+                              scale_input=scale_input).transpose(1, 2)
+    if normalize:
+        q4 = q.to(ct).reshape(batch, length, num_heads, d_k)
+        z = k.to(ct).reshape(batch, length, num_heads, d_k).cumsum(1)
+        den = (q4 * z).sum(-1, keepdim=True) + eps
+        y = (y.reshape(batch, length, num_heads, -1) / den).reshape(
+            batch, length, -1)
+    return y.to(q.dtype).contiguous()
+
+
 def export_cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
     return naive_cross_scan(x)
 
@@ -437,4 +532,5 @@ def export_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     table[ops.cross_selective_scan.default] = export_cross_selective_scan
     table[ops.cross_scan.default] = export_cross_scan
     table[ops.cross_merge.default] = export_cross_merge
+    table[ops.forget_gate_attention.default] = export_forget_gate_attention
     return table

@@ -12,9 +12,12 @@ import mila_det  # noqa: F401  (registers the backbones and the ops)
 from mila_det.models.backbones import MILA, VMamba
 from mila_det.ops._custom_ops import (chunked_recurrence,
                                       export_cross_selective_scan,
+                                      export_forget_gate_attention,
                                       export_linear_attention)
 from mila_det.ops.cross_scan.naive import naive_cross_merge, naive_cross_scan
 from mila_det.ops.cross_selective_scan.naive import naive_cross_selective_scan
+from mila_det.ops.forget_gate import (forget_gate_attention,
+                                     naive_forget_gate_attention)
 from mila_det.ops.linear_attention.naive import (build_rope_table,
                                                  naive_linear_attention)
 from tests.conftest import REPO_ROOT, rel_err
@@ -48,6 +51,15 @@ def scan_inputs(b=2, inner=8, h=5, w=7, rank=2, n_state=2,
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
+def forget_gate_inputs(b=2, n=7 * 9, heads=2, d=4, requires_grad=False):
+    """q, k positive ``[B, L, H*d]``, v, a positive step, A negative."""
+    q, k = (torch.randn(b, n, heads * d).sigmoid() + 0.5 for _ in range(2))
+    v = torch.randn(b, n, heads * d)
+    delta = torch.rand(b, n, heads * d) * 0.5 + 0.05
+    A = -torch.rand(heads * d, d) - 0.1
+    return [t.requires_grad_(requires_grad) for t in (q, k, v, delta, A)]
+
+
 def grads(out, inputs, weight):
     return torch.autograd.grad((out * weight).sum(), inputs)
 
@@ -76,6 +88,29 @@ def test_cross_selective_scan_op_values_and_grads_match_reference():
     weight = torch.randn_like(want)
     for g, w in zip(grads(got, inputs, weight), grads(want, inputs, weight)):
         assert rel_err(g, w) < 1e-4
+
+
+@pytest.mark.parametrize('normalize,scale_input',
+                         [(True, False), (False, True)],
+                         ids=['normalised', 'scaled-input'])
+def test_forget_gate_op_values_and_grads_match_reference(normalize,
+                                                         scale_input):
+    inputs = forget_gate_inputs(requires_grad=True)
+    want = naive_forget_gate_attention(*inputs, 2, 1e-6, normalize,
+                                       scale_input)
+    got = OPS.forget_gate_attention(*inputs, 2, 1e-6, normalize,
+                                    scale_input)
+    assert rel_err(got, want) < 1e-5
+    weight = torch.randn_like(want)
+    for g, w in zip(grads(got, inputs, weight), grads(want, inputs, weight)):
+        assert rel_err(g, w) < 1e-4
+    # compiled, the public function is that one node
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forget_gate_attention)(
+        *inputs, 2, 1e-6, normalize, scale_input)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert 'mila_det.forget_gate_attention' in str(
+        explained.graphs[0].graph)
 
 
 def test_cross_scan_and_merge_ops_match_reference_and_are_adjoint():
@@ -117,11 +152,18 @@ def test_export_decompositions_match_reference():
     inputs = scan_inputs(h=9, w=11)  # L = 99: chunks and a padded tail
     assert rel_err(export_cross_selective_scan(*inputs),
                    naive_cross_selective_scan(*inputs)) < 1e-5
+    gate = forget_gate_inputs(n=37)
+    for normalize, scale in ((True, False), (False, True)):
+        assert rel_err(
+            export_forget_gate_attention(*gate, 2, 1e-6, normalize, scale),
+            naive_forget_gate_attention(*gate, 2, 1e-6, normalize,
+                                        scale)) < 1e-5
 
 
 @pytest.mark.parametrize('name', ['linear_attention', 'cross_selective_scan',
                                   'cross_scan', 'cross_merge',
-                                  'linear_recurrence'])
+                                  'linear_recurrence',
+                                  'forget_gate_attention'])
 def test_opcheck(name):
     """Schema, fake implementation, autograd registration and AOT dispatch
     of every op, as torch.library checks them."""
@@ -134,6 +176,9 @@ def test_opcheck(name):
         args = (torch.randn(1, 2, 3, 4, requires_grad=True), )
     elif name == 'cross_merge':
         args = (torch.randn(1, 4, 2, 12, requires_grad=True), 3, 4)
+    elif name == 'forget_gate_attention':
+        args = (*forget_gate_inputs(b=1, n=5, requires_grad=True), 2, 1e-6,
+                True, False)
     else:
         args = (torch.rand(6, 3, requires_grad=True),
                 torch.randn(6, 3, requires_grad=True))

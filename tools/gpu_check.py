@@ -10,7 +10,8 @@ installed from ``--wheels``, a folder filled beforehand by
 fetched from the network. Then, printing progress as it goes:
 
 1. operators: every Triton forward and backward (linear attention, selective
-   scan, cross scan / merge, the VMamba 2-D scan) against its reference, on
+   scan, cross scan / merge, the VMamba 2-D scan, the forget gate) against
+   its reference, on
    CUDA tensors in fp32, bf16 and fp16: outputs and every input's gradient,
    at odd small sizes (reference: the token-by-token definition) and at the
    shapes of a 1x3x800x1280 detection input (reference: the PyTorch path,
@@ -162,7 +163,10 @@ def operator_cases(device, dtype, full: bool):
     MILA-T / VMamba-T at 800x1280."""
     import torch
     from mila_det.ops import (cross_merge, cross_scan, cross_selective_scan,
-                              linear_attention, rope_table, selective_scan)
+                              forget_gate_attention, linear_attention,
+                              rope_table, selective_scan)
+    from mila_det.ops.forget_gate import (chunk_forget_gate_attention,
+                                          naive_forget_gate_attention)
     from mila_det.ops.cross_scan import naive_cross_merge, naive_cross_scan
     from mila_det.ops.cross_selective_scan import (
         chunk_cross_selective_scan, naive_cross_selective_scan)
@@ -213,6 +217,24 @@ def operator_cases(device, dtype, full: bool):
              -positive(ch, n).float(), randn(b, grp, n, length),
              randn(b, grp, n, length), randn(ch).float(),
              randn(ch, scale=0.5).float()], ref_name == 'torch'))
+    # forget gate (design space): (B, L, heads, head width); the stage shape
+    # is the design-space baseline's stage 1 (96 channels, 3 heads of 32)
+    fg_shapes = [(2, 63, 2, 8, 'naive')]
+    if full:
+        fg_shapes += [(1, 200 * 320, 3, 32, 'torch')]
+    for b, length, heads, d, ref_name in fg_shapes:
+        ref = naive_forget_gate_attention if ref_name == 'naive' else \
+            chunk_forget_gate_attention
+        c = heads * d
+        cases.append((
+            f'forget_gate B{b} L{length} h{heads}x{d}',
+            lambda q, k, v, dt, A, n=heads: forget_gate_attention(
+                q, k, v, dt, A, n, backend='triton'),
+            lambda q, k, v, dt, A, n=heads, r=ref: r(q, k, v, dt, A, n, 1e-6,
+                                                      True, False),
+            [positive(b, length, c), positive(b, length, c),
+             randn(b, length, c), positive(b, length, c) * 0.1,
+             -positive(c, d).float()], ref_name == 'torch'))
     # cross scan and merge
     for b, c, h, w in [(2, 12, 7, 9)] + ([(1, 192, 200, 320)] if full else []):
         stage = h > 100

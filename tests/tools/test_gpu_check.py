@@ -44,7 +44,7 @@ def test_interpreter_run_writes_a_passing_report(tmp_path):
     report = json.loads((tmp_path / 'report.json').read_text())
     names = {c['name'].split()[0] for c in report['checks']}
     assert names == {'linear_attention', 'selective_scan', 'cross_scan',
-                     'cross_merge', 'cross_selective_scan'}
+                     'cross_merge', 'cross_selective_scan', 'forget_gate'}
     assert report['ok'] and all(c['ok'] for c in report['checks'])
     assert 'PASS' in (tmp_path / 'report.md').read_text()
 

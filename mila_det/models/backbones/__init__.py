@@ -1,3 +1,4 @@
+from .design_space import LinearAttentionTransformer
 from .mila import MILA, MLLA
 from .vmamba import MM_VSSM, VMamba
 

@@ -321,3 +321,13 @@ def test_triton_report_declares_every_launch():
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@needs_triton()
+def test_triton_eps_zero_keeps_padded_rows_out_of_the_gradients():
+    """With ``eps = 0`` the rows of the last token tile past N would give
+    ``1 / 0``; they must not reach dk and dv (5 tokens: one partial tile)."""
+    q, k, v = qkv(1, 5, 32, seed=5)
+    want = naive_linear_attention(q, k, v, 1, (1, 5), eps=0.0)
+    got = linear_attention(q, k, v, 1, (1, 5), eps=0.0, backend='triton')
+    assert_close_with_grads(got, want, (q, k, v), 1e-4)

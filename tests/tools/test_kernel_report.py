@@ -77,3 +77,32 @@ def test_stage1_launches_fill_the_gpu_twice():
         if launch.model.endswith('b1'):
             assert launch.programs >= 264, launch
     assert {'MILA-T b1', 'VMamba-T b1'} <= models
+
+
+ONE_CHANNEL = """
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+cs = importlib.import_module('mila_det.ops.cross_scan.triton')
+for fn in (cs.cross_scan_fwd_kernel, cs.cross_scan_bwd_kernel):
+    # what a launch with C = 1 compiles, had C been specialised to 1
+    sig = dict(x='*fp32', y='*fp32', C='i32', H='i32', W='i32',
+               BLOCK_H='constexpr', BLOCK_W='constexpr')
+    triton.compile(ASTSource(fn, sig, dict(BLOCK_H=32, BLOCK_W=32)),
+                   target=GPUTarget('cuda', 90, 32))
+    assert 'C' in fn.do_not_specialize, fn
+print('ok')
+"""
+
+
+@needs_triton()
+def test_cross_scan_channel_count_is_never_a_constant():
+    """Triton turns an int argument equal to 1 into a constant; the cross
+    scan's route offset needs C as a run-time int64, so C is marked
+    do_not_specialize (and the kernels compile)."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    proc = subprocess.run([sys.executable, '-c', ONE_CHANNEL],
+                          capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,7 +15,9 @@ from .._guard import device_guard
 from .._report import KernelLaunch, KernelVariant, signature
 
 
-@triton.jit
+# C is never specialised to a constant (Triton does so for 1), since the
+# route offset needs it as a run-time int64.
+@triton.jit(do_not_specialize=['C'])
 def cross_scan_fwd_kernel(x, y, C, H, W, BLOCK_H: tl.constexpr,
                           BLOCK_W: tl.constexpr):
     """Map -> four routes (rows, columns, rows reversed, columns reversed)."""
@@ -38,7 +40,9 @@ def cross_scan_fwd_kernel(x, y, C, H, W, BLOCK_H: tl.constexpr,
     tl.store(p_y + 3 * o_route + (L - 1 - o_col), b_x, mask=m_hw)
 
 
-@triton.jit
+# C is never specialised to a constant (Triton does so for 1), since the
+# route offset needs it as a run-time int64.
+@triton.jit(do_not_specialize=['C'])
 def cross_scan_bwd_kernel(y, x, C, H, W, BLOCK_H: tl.constexpr,
                           BLOCK_W: tl.constexpr):
     """Four routes -> map, summed (the adjoint of the forward; also the

@@ -187,9 +187,11 @@ def linear_attention_dq_bwd_kernel(q, rope, do, kv, kmean, dq, dkv, dkm, cz,
         b_r = tl.load(p_r + o_r[:, None] * C + o_c[None, :], mask=m_tc,
                       other=0.0)
         b_qr = _rotate(b_q, b_r, BLOCK_T, BLOCK_D, False)
-        b_z = 1.0 / (tl.sum(b_q * b_km[None, :], axis=1) + eps)
-        b_g = b_do * b_z[:, None]  # d loss / d numerator
         m_t = (t0 + o_r) < N
+        # rows past N are zeros: keep 1 / eps (inf when eps = 0) out of sums
+        b_z = tl.where(m_t, 1.0 / (tl.sum(b_q * b_km[None, :], axis=1) + eps),
+                       0.0)
+        b_g = b_do * b_z[:, None]  # d loss / d numerator
         if WRITE_DQ:
             b_num = tl.dot(b_qr, b_kv, input_precision='ieee')
             # d loss / d denominator

@@ -393,13 +393,17 @@ def _block_d(block_d: int, per_group: int) -> int:
                triton.next_power_of_2(per_group))
 
 
+CARRY_MAX_ROWS = 4
+
+
 def _carry_rows(rows: int) -> int:
     """Rows per program of the carry kernel: one, so that even N = 1 at
     batch 1 spreads over the SMs, and more once there are many rows (all of
     them in the interpreter, where every program costs)."""
     if INTERPRET:
         return min(256, triton.next_power_of_2(rows))
-    return max(1, min(16, 2 ** ((rows // 4096).bit_length() - 1)
+    # At most CARRY_MAX_ROWS: 16 rows x 512 segments spill on sm_90.
+    return max(1, min(CARRY_MAX_ROWS, 2 ** ((rows // 4096).bit_length() - 1)
                       if rows >= 4096 else 1))
 
 
@@ -611,18 +615,22 @@ def _kernels():
     return [
         (selective_scan_chunk_fwd_kernel,
          dict(flags, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D, BLOCK_T=BLOCK_T),
-         FWD_WARPS),
+         FWD_WARPS, ''),
         (selective_scan_carry_kernel,
-         dict(REVERSE=False, BLOCK_R=1, BLOCK_S=CARRY_BLOCK_S), CARRY_WARPS),
+         dict(REVERSE=False, BLOCK_R=1, BLOCK_S=CARRY_BLOCK_S), CARRY_WARPS,
+         ''),
+        (selective_scan_carry_kernel,  # the most rows per program
+         dict(REVERSE=True, BLOCK_R=CARRY_MAX_ROWS, BLOCK_S=CARRY_BLOCK_S),
+         CARRY_WARPS, f' R{CARRY_MAX_ROWS}'),
         (selective_scan_fwd_kernel,
          dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D,
-              BLOCK_T=BLOCK_T), FWD_WARPS),
+              BLOCK_T=BLOCK_T), FWD_WARPS, ''),
         (selective_scan_chunk_bwd_kernel,
          dict(flags, BLOCK_D=CHUNK_BWD_BLOCK_D, BLOCK_T=BLOCK_T),
-         CHUNK_BWD_WARPS),
+         CHUNK_BWD_WARPS, ''),
         (selective_scan_bwd_kernel,
          dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=BWD_BLOCK_D,
-              BLOCK_T=BLOCK_T), BWD_WARPS),
+              BLOCK_T=BLOCK_T), BWD_WARPS, ''),
     ]
 
 
@@ -633,13 +641,13 @@ def report_variants() -> List[KernelVariant]:
     out = []
     for dt, ptr in _TYPES.items():
         for n_state in (1, 4, 16, 32):
-            for fn, const, warps in _kernels():
+            for fn, const, warps, extra in _kernels():
                 types = {a: ptr if a in _INPUTS else '*fp32'
                          for a in fn.arg_names}
                 types.update(DCH='i32', L='i32', DG='i32', N='i32',
                              NSEG='i32', ROWS='i32')
                 out.append(KernelVariant(
-                    fn.__name__, f'{dt} N{n_state}', fn,
+                    fn.__name__, f'{dt} N{n_state}{extra}', fn,
                     signature(fn, types, const), const, warps))
     return out
 

@@ -38,6 +38,7 @@ from .cross_selective_scan import dispatch_cross_selective_scan
 from .cross_selective_scan.naive import (compose_cross_selective_scan,
                                          scan_parameters)
 from .forget_gate import dispatch_forget_gate_attention
+from .forget_gate.naive import causal_normaliser
 from .linear_attention import dispatch_linear_attention
 from .linear_attention.naive import apply_rope
 from .selective_scan.chunk import linear_recurrence as chunk_recurrence
@@ -504,9 +505,7 @@ def export_forget_gate_attention(q: Tensor, k: Tensor, v: Tensor,
                               groups(k), groups(q),
                               scale_input=scale_input).transpose(1, 2)
     if normalize:
-        q4 = q.to(ct).reshape(batch, length, num_heads, d_k)
-        z = k.to(ct).reshape(batch, length, num_heads, d_k).cumsum(1)
-        den = (q4 * z).sum(-1, keepdim=True) + eps
+        den = causal_normaliser(q, k, num_heads, eps, ct)
         y = (y.reshape(batch, length, num_heads, -1) / den).reshape(
             batch, length, -1)
     return y.to(q.dtype).contiguous()

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..selective_scan import chunk_selective_scan_tokens
-from .naive import compute_dtype
+from .naive import causal_normaliser, compute_dtype
 
 
 def chunk_forget_gate_attention(q: Tensor,
@@ -90,7 +90,5 @@ def chunk_forget_gate_attention(q: Tensor,
                                     A.to(ct), tokens(k, d_k), tokens(q, d_k),
                                     scale_input=scale_input)
     if normalize:
-        z = k.to(ct).reshape(batch, length, heads, d_k).cumsum(1)
-        den = (q.to(ct).reshape(batch, length, heads, d_k) * z).sum(-1) + eps
-        y = y / den.transpose(1, 2).unsqueeze(-1)
+        y = y / causal_normaliser(q, k, heads, eps, ct).transpose(1, 2)
     return y.transpose(1, 2).reshape(batch, length, heads * d_v)

@@ -23,6 +23,27 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32
 
 
+def causal_normaliser(q: Tensor, k: Tensor, num_heads: int, eps: float,
+                      dtype: torch.dtype) -> Tensor:
+    """``q_t[h] . Z_t + eps`` with ``Z_t = sum_{j <= t} k_j[h]``, in
+    ``dtype``, for the fast paths (the reference sums token by token).
+
+    Args:
+        q (Tensor): ``[B, L, H * dk]``.
+        k (Tensor): ``[B, L, H * dk]``.
+        num_heads (int): ``H``.
+        eps (float): Added to the normaliser.
+        dtype (torch.dtype): The compute dtype.
+
+    Returns:
+        Tensor: ``[B, L, H, 1]``.
+    """
+    batch, length, channels = q.shape
+    shape = (batch, length, num_heads, channels // num_heads)
+    z = k.to(dtype).reshape(shape).cumsum(1)
+    return (q.to(dtype).reshape(shape) * z).sum(-1, keepdim=True) + eps
+
+
 def naive_forget_gate_attention(q: Tensor,
                                 k: Tensor,
                                 v: Tensor,

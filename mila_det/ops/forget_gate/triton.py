@@ -12,9 +12,11 @@ ops on top. No kernel of its own is defined here.
 """
 from typing import List
 
+import torch
 from torch import Tensor
 
 from ..selective_scan import triton_selective_scan
+from .naive import causal_normaliser
 
 
 def triton_forget_gate_attention(q: Tensor,
@@ -63,9 +65,7 @@ def triton_forget_gate_attention(q: Tensor,
                               scale_input)
     y = y.transpose(1, 2).float()  # [B, L, H * dv]
     if normalize:
-        q4 = q.float().reshape(batch, length, heads, d_k)
-        z = k.float().reshape(batch, length, heads, d_k).cumsum(1)
-        den = (q4 * z).sum(-1, keepdim=True) + eps  # [B, L, H, 1]
+        den = causal_normaliser(q, k, heads, eps, torch.float32)
         y = y.reshape(batch, length, heads, -1) / den
     return y.reshape(batch, length, -1)
 

@@ -130,6 +130,25 @@ def test_linear_recurrence_reverse_batched_with_initial(chunk):
     torch.testing.assert_close(b, want)  # in place into b
 
 
+@pytest.mark.parametrize('reverse', [False, True], ids=['fwd', 'rev'])
+def test_linear_recurrence_carry_over_many_chunks(reverse):
+    """Past ``CARRY_LOOP_MAX`` chunks the carry between chunks is itself a
+    chunked recurrence (two levels here: 151 chunks of 2, plus a tail)."""
+    from mila_det.ops.selective_scan.chunk import CARRY_LOOP_MAX
+    length = 303
+    assert length // 2 > CARRY_LOOP_MAX
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, length, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(2, length, 4, generator=g, dtype=torch.float64)
+    start = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    h, want = start, torch.empty_like(b)
+    for t in (reversed(range(length)) if reverse else range(length)):
+        h = a[:, t] * h + b[:, t]
+        want[:, t] = h
+    got = linear_recurrence(a, b, 2, reverse=reverse, initial=start)
+    torch.testing.assert_close(got, want)
+
+
 def test_linear_recurrence_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match='share a shape'):
         linear_recurrence(torch.rand(4, 3), torch.rand(4, 2))

@@ -297,16 +297,18 @@ class DesignAttention(nn.Module):
             k = k + self.ape_tokens(hw).to(k.dtype)
         q, k = phi(q), phi(k)
         v_num = v if self.input_gate is None else self.input_gate(x) * v
+        if self.use_rope and rope is None:
+            rope = rope_table(hw[0], hw[1], self.qk_dim, x.device)
+        mila_operator = (self.use_rope and self.forget_gate is None
+                         and self.normalize and self.qk_dim == self.dim
+                         and v_num is v)
         q_num = k_num = None
-        if self.use_rope:
-            if rope is None:
-                rope = rope_table(hw[0], hw[1], self.qk_dim, x.device)
+        if self.use_rope and not mila_operator:  # it rotates q, k itself
             q_num, k_num = rotate(q, rope), rotate(k, rope)
 
         if self.forget_gate is not None:
             out = self._forget_gate(x, q, k, v_num, q_num, k_num)
-        elif (self.use_rope and self.normalize and self.qk_dim == self.dim
-              and v_num is v):
+        elif mila_operator:
             # MILA's operator: rope(q) . sum rope(k)^T v / N over
             # (q . mean(k) + eps'); eps' = eps / N gives exactly the form
             # of global_linear_attention.

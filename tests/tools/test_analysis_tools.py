@@ -29,11 +29,17 @@ def test_get_flops_backbone_only(tmp_path):
 
 
 def test_benchmark_sweep_writes_csv_plot_and_growth(tmp_path):
+    """Also the one run at the default --peak-sizes (the other benchmark
+    tests measure small products, which take no time): the real yardstick's
+    six products are measured, every library at 2048^2 and 4096^2."""
     out = tmp_path / 'sweep'
     proc = run(osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'), '--sweep',
                '--sweep-sides', '64', '32', '--repeat', '1', '--sweep-out',
                str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = re.findall(r'((?:mm|onednn-matmul|onednn-conv1x1) (?:2048|4096)) '
+                       r'[0-9.]+', proc.stdout.split('GFLOP/s')[0])
+    assert len(set(rates)) == 6, proc.stdout
     rows = (tmp_path / 'sweep.csv').read_text().splitlines()
     assert rows[0] == 'model,side,seconds,peak_mib' and len(rows) == 1 + 3 * 2
     assert (tmp_path / 'sweep.png').stat().st_size > 0
@@ -43,30 +49,35 @@ def test_benchmark_sweep_writes_csv_plot_and_growth(tmp_path):
 
 
 def test_benchmark_prints_latency_and_efficiency(tmp_path):
+    # Small products for the yardstick (quick); the sweep test measures the
+    # default sizes.
     proc = run(osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'),
                '--backbone', 'mila_t', '--shape', '64', '96', '--repeat', '2',
-               '--compare-naive', cwd=tmp_path)
+               '--compare-naive', '--peak-sizes', '256', '512', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     # every library at both sizes, and the yardstick is the best of them
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'((?:mm|onednn-matmul|onednn-conv1x1) (?:2048|4096)) ([0-9.]+)',
+        r'((?:mm|onednn-matmul|onednn-conv1x1) (?:256|512)) ([0-9.]+)',
         out.split('yardstick')[0])}
     assert len(rates) == 6, out
     m = re.search(r'yardstick: the best of them, (\S+ \d+) = ([0-9.]+) '
                   'GFLOP/s', out)
-    assert m and m.group(1) == max(rates, key=rates.get)
+    # (compared by value: two rates may print alike)
+    assert m and rates[m.group(1)] == max(rates.values())
     assert float(m.group(2)) == max(rates.values())
+    # against the yardstick, and against mm at the first size
     assert re.search(r'\[auto \] median +[0-9.]+ ms .* efficiency '
-                     r'[0-9.]+% of the best GEMM \(\S+ \d+\) '
-                     r'\[[0-9.]+% of mm 2048\]', out)
+                     r'[0-9.]+% of the best GEMM \(' + re.escape(m.group(1))
+                     + r'\) \[[0-9.]+% of mm 256\]', out)
     assert '[naive]' in out and 'speed-up over the naive reference' in out
 
 
 def test_benchmark_breakdown_prints_every_class(tmp_path):
     proc = run(osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'),
                '--backbone', 'vmamba_t', '--shape', '64', '96', '--repeat',
-               '1', '--warmup', '1', '--breakdown', cwd=tmp_path)
+               '1', '--warmup', '1', '--breakdown', '--peak-sizes', '256',
+               '512', cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from mila_det.analysis.breakdown import CLASSES
     for name in CLASSES:
@@ -119,6 +130,23 @@ def _load_benchmark():
     return module
 
 
+def test_benchmark_peak_sizes_checks_and_reference_mm():
+    """--peak-sizes takes positive integers only, and the bracketed
+    efficiency is against mm at the first size it was measured at."""
+    import argparse
+    bench = _load_benchmark()
+    assert bench.positive_int('256') == 256
+    for bad in ('0', '-512', '2.5', 'x', ''):
+        with pytest.raises(argparse.ArgumentTypeError,
+                           match='expected a positive integer'):
+            bench.positive_int(bad)
+    rates = {'mm 256': 1.0, 'onednn-conv1x1 256': 3.0, 'mm 512': 2.0}
+    assert bench.reference_mm(rates, [256, 512]) == ('mm 256', 1.0)
+    assert bench.reference_mm(rates, [512, 256]) == ('mm 512', 2.0)
+    assert bench.reference_mm({'mm 512': 2.0}, [256, 512]) == ('mm 512', 2.0)
+    assert bench.reference_mm({'onednn-conv1x1 256': 3.0}, [256]) is None
+
+
 @pytest.mark.parametrize('kernel_mark', [True, False])
 def test_peak_memory_sees_a_transient_allocation(monkeypatch, kernel_mark):
     """The peak covers a 256 MiB buffer freed before the block ends, both by
@@ -164,7 +192,8 @@ def test_benchmark_peak_leaves_out_the_flop_count(tmp_path):
     script.write_text(f'''
 import sys, torch
 sys.argv = ['benchmark.py', '--backbone', 'mila_t', '--shape', '64', '64',
-            '--repeat', '1', '--warmup', '1', '--device', 'cpu']
+            '--repeat', '1', '--warmup', '1', '--device', 'cpu',
+            '--peak-sizes', '256', '512']
 spec_path = {osp.join(REPO_ROOT, 'tools/analysis/benchmark.py')!r}
 import importlib.util
 spec = importlib.util.spec_from_file_location('bench', spec_path)

@@ -7,6 +7,7 @@
         [--cfg-options model.backbone.with_cp=True]
     python tools/analysis/benchmark.py --backbone mila_t --breakdown
     python tools/analysis/benchmark.py --sweep --repeat 1
+    python tools/analysis/benchmark.py --backbone mila_t --peak-sizes 256 512
 
 Efficiency is ``FLOPs / time / R``, where R (the yardstick) is the best
 fp32 rate this machine reaches on a large square product through the
@@ -14,7 +15,12 @@ libraries PyTorch ships, measured in the same run (before and after the
 model, the better of the two): ``torch.mm`` (MKL's sgemm on CPU), oneDNN's
 matmul and oneDNN's 1x1 convolution, at 2048^2 and 4096^2. The fastest
 library differs between machines (on one AMD EPYC oneDNN ran twice as fast
-as MKL), so only the best is a bound the model cannot beat. FLOPs are
+as MKL), so only the best is a bound the model cannot beat. The efficiency
+is also printed, in brackets, against ``torch.mm`` at the first size (``mm
+2048``), the yardstick of the earlier figures. ``--peak-sizes N [N ...]``
+sets the sizes (default 2048 4096; measuring those takes ~20 s on two
+cores, twice per run): small ones are quick but understate the peak, so
+they are for checking that the tool runs, not for figures. FLOPs are
 2 x the multiply-adds of the FLOP tool (the backbone's, or with a detector
 config the whole detector's forward), x3 for ``--mode train``.
 ``--breakdown`` profiles one step and splits its time by class of operation
@@ -50,6 +56,9 @@ BACKBONES = {
 }
 SWEEP_SIDES = [224, 448, 640, 896, 1024, 1280, 1536, 2048]
 SWEEP_MODELS = ['mila_t', 'vmamba_t', 'swin_t']
+# Sides of the square products whose best rate is the yardstick
+# (--peak-sizes)
+PEAK_SIZES = (2048, 4096)
 
 
 class PeakMemory:
@@ -162,7 +171,7 @@ def _gemm_candidates(size: int, device: torch.device,
 
 
 def gemm_rates(device: torch.device, dtype: torch.dtype = torch.float32,
-               sizes=(2048, 4096)) -> Dict[str, float]:
+               sizes=PEAK_SIZES) -> Dict[str, float]:
     """FLOP/s of square products, ``'<library> <size>'`` -> rate (each the
     best of a few runs). The best of them is the yardstick: the fastest
     rate this machine reaches on a large product through the libraries
@@ -176,6 +185,28 @@ def gemm_rates(device: torch.device, dtype: torch.dtype = torch.float32,
                 continue
             rates[f'{name} {size}'] = 2 * size**3 / t
     return rates
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f'expected a positive integer, got {text!r}')
+    return value
+
+
+def reference_mm(rates: Dict[str, float], sizes):
+    """(name, rate) of ``torch.mm`` at the first of ``sizes`` it was
+    measured at (``mm 2048`` by default), or None where it has none."""
+    for size in sizes:
+        name = f'mm {size}'
+        if name in rates:
+            return name, rates[name]
+    return None
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -357,7 +388,15 @@ def main() -> None:
     parser.add_argument('--sweep-out', default='work_dirs/benchmark/sweep')
     parser.add_argument('--sweep-sides', nargs='+', type=int,
                         default=SWEEP_SIDES, help='square sizes to sweep')
+    parser.add_argument('--peak-sizes', nargs='+', type=positive_int,
+                        default=list(PEAK_SIZES), metavar='N',
+                        help='sides of the square fp32 GEMMs whose best rate '
+                        'is the yardstick (default: 2048 4096); the '
+                        'efficiency is also printed against mm at the '
+                        'first one. Small sizes run fast but understate the '
+                        'peak: for testing the tool, not for figures')
     args = parser.parse_args()
+    args.peak_sizes = list(dict.fromkeys(args.peak_sizes))  # no repeats
     from mila_det.utils.malloc import keep_freed_memory
     malloc = ('glibc heap kept (MILA_DET_MALLOC=default to compare)'
               if keep_freed_memory() else 'default malloc')
@@ -367,16 +406,17 @@ def main() -> None:
     if args.sweep:
         if len(set(args.sweep_sides)) < 2:
             sys.exit('error: --sweep-sides needs at least two sizes')
+        rates = gemm_rates(device, sizes=args.peak_sizes)
         print(f'sweep: {args.mode}, batch {args.batch}, {device}, '
               f'{torch.get_num_threads()} threads, {malloc}; fp32 GEMM '
-              f'rates: {format_rates(gemm_rates(device))} GFLOP/s')
+              f'rates: {format_rates(rates)} GFLOP/s')
         sweep(args, device)
         return
     if bool(args.config) == bool(args.backbone):
         sys.exit('error: give either a CONFIG or --backbone NAME')
     model, is_detector = build_model(args, device)
     name = args.backbone or os.path.basename(args.config)
-    rates = gemm_rates(device)
+    rates = gemm_rates(device, sizes=args.peak_sizes)
     print(f'{name}: {args.mode}, batch {args.batch}, '
           f'{args.shape[0]}x{args.shape[1]}, {device}, '
           f'{torch.get_num_threads()} threads, {malloc}', flush=True)
@@ -413,20 +453,20 @@ def main() -> None:
     # A busy moment can only slow the reference products down, so the rates
     # are the better of two measurements, before and after the model runs.
     rates = {k: max(r, rates.get(k, 0.0))
-             for k, r in gemm_rates(device).items()}
+             for k, r in gemm_rates(device, sizes=args.peak_sizes).items()}
     yard, peak = best(rates)
     print(f'  fp32 GEMM rates (GFLOP/s, best of before and after the model '
           f'runs): {format_rates(rates)}')
     print(f'  yardstick: the best of them, {yard} = {peak / 1e9:.1f} '
           'GFLOP/s')
     if bf16_supported(device):
-        bf = gemm_rates(device, torch.bfloat16)
+        bf = gemm_rates(device, torch.bfloat16, args.peak_sizes)
         print(f'  bf16 GEMM rates: {format_rates(bf)}; best '
               f'{best(bf)[0]} = {best(bf)[1] / 1e9:.1f} GFLOP/s')
     else:
         print(f'  bf16: no fast bf16 GEMM on this {device.type} (oneDNN '
               'reports no bf16 support), so none is measured')
-    mm = rates.get('mm 2048')
+    mm = reference_mm(rates, args.peak_sizes)
     for backend, r in results.items():
         line = (f'  [{backend:5s}] median {r["median"] * 1e3:9.1f} ms  '
                 f'{args.batch / r["median"]:6.2f} img/s  peak '
@@ -436,7 +476,7 @@ def main() -> None:
             line += (f'  efficiency {achieved / peak * 100:.1f}% of the best '
                      f'GEMM ({yard})')
             if mm:
-                line += f' [{achieved / mm * 100:.1f}% of mm 2048]'
+                line += f' [{achieved / mm[1] * 100:.1f}% of {mm[0]}]'
             if args.mode == 'train':
                 line += ' (training counted as 3 forwards)'
         print(line, flush=True)

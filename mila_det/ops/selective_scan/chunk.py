@@ -183,8 +183,8 @@ def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor, B: Tensor,
 
 def _block_tokens(step_elems: int, length: int) -> int:
     """Tokens per block of :func:`_blocked_scan`: 8 to 32, and at most
-    ``786,432`` elements per buffer (3 MB in fp32), the best measured on the
-    project's 2-core CPU for the forget gate's four stage shapes."""
+    ``786,432`` elements in its buffer (3 MB in fp32), the best measured on
+    the project's 2-core CPU for the forget gate's four stage shapes."""
     return max(1, min(length, max(8, min(32, 786432 // max(step_elems, 1)))))
 
 
@@ -192,9 +192,9 @@ def _blocked_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   scale_input: bool, reverse: bool) -> Tensor:
     """The scan's output ``y_t = C_t . h_t`` for a state size ``N > 1``,
     computed a block of tokens at a time so that only one block's decays
-    ``exp(dt A)`` and inputs ``B u`` ever exist (``[T, B, G, N, Dg]`` each,
-    a few MB, in cache) instead of the whole ``[B, G, L, N, Dg]``; the
-    states are then stepped token by token inside the block and read out by
+    ``exp(dt A)`` ever exist (``[T, B, G, N, Dg]``, a few MB, in cache)
+    instead of the whole ``[B, G, L, N, Dg]``; the states overwrite them
+    token by token (``h_t = a_t h_{t-1} + B_t x_t^T``) and are read out by
     one batched product. Used by the forward, which keeps no states.
 
     Args:
@@ -222,8 +222,7 @@ def _blocked_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor,
     a_steps, B_steps, C_steps = steps(dt), steps(B.to(ct)), steps(C.to(ct))
     block = _block_tokens(batch * groups * n_state * per_group, length)
     a = dt.new_empty(block, batch, groups, n_state, per_group)
-    b = torch.empty_like(a)
-    a_rows, b_rows = a.unbind(0), b.unbind(0)
+    a_rows = a.unbind(0)  # each step's decays, then its states
     y = dt.new_empty(length, batch, groups, 1, per_group)
     h = dt.new_zeros(batch, groups, n_state, per_group)
     starts = range(0, length, block)
@@ -231,12 +230,15 @@ def _blocked_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor,
         end = min(start + block, length)
         n = end - start
         torch.mul(a_steps[start:end, :, :, None], A_g, out=a[:n]).exp_()
-        torch.mul(B_steps[start:end, :, :, :, None],
-                  x[start:end, :, :, None], out=b[:n])
+        # The input B_t x_t^T is added as a broadcast product in each step
+        # rather than formed for the block (one pass over it fewer).
+        B_rows = B_steps[start:end, :, :, :, None].unbind(0)
+        x_rows = x[start:end, :, :, None].unbind(0)
         for t in (range(n - 1, -1, -1) if reverse else range(n)):
-            h = torch.addcmul(b_rows[t], a_rows[t], h, out=b_rows[t])
-        torch.matmul(C_steps[start:end, :, :, None], b[:n], out=y[start:end])
-        h = h.clone()  # the buffers are refilled by the next block
+            h = torch.mul(a_rows[t], h, out=a_rows[t]).addcmul_(B_rows[t],
+                                                                x_rows[t])
+        torch.matmul(C_steps[start:end, :, :, None], a[:n], out=y[start:end])
+        h = h.clone()  # the buffer is refilled by the next block
     return y.view(length, batch, groups, per_group).permute(1, 2, 0, 3)
 
 

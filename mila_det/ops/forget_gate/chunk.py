@@ -41,8 +41,8 @@ inputs for the backward (the factorised form's autograd keeps several
 ``[B, L, C, dk]`` tensors), and shares its code with the selective scan, so
 it is the path used.
 
-The scan's forward has since been blocked (a block of tokens' decays and
-inputs at a time, in cache; ``selective_scan.chunk._blocked_scan``): the
+The scan's forward has since been blocked (one block of tokens' decays at
+a time, in cache; ``selective_scan.chunk._blocked_scan``): the
 same stage-1 call at B = 4 went from 542 ms to 90 ms (no_grad, median of
 5, quiet machine), which brought the forget-gate backbone from 0.18x to
 0.47-0.51x the baseline's CPU throughput (docs/design_space.md).

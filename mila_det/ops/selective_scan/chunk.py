@@ -18,10 +18,10 @@ rather than stored. ``reverse=True`` scans from the last token to the first,
 so a route that reads a sequence backwards needs no flipped copy of it.
 
 With a state size ``N > 1`` (the forget gate's ``N = 32``) the decays and
-inputs are ``N`` times the activations, too big to pass over several times:
-there the forward runs :func:`_blocked_scan` instead, which forms them for
-one block of tokens at a time, in cache, and steps the states token by
-token inside the block (6x faster than the whole-sequence passes for the
+states are ``N`` times the activations, too big to pass over several times:
+there the forward runs :func:`_blocked_scan` instead, which forms the decays
+for one block of tokens at a time, in cache, and steps the states over them
+token by token (6x faster than the whole-sequence passes for the
 forget gate's stage-1 shape, B = 4, L = 3136, 3 heads of 32, on the
 project's 2-core CPU: 542 ms before, 90 ms after).
 """
@@ -162,14 +162,19 @@ def _step(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
     return pre, None
 
 
+def _state_major(A: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """``A: [G * Dg, N]`` as ``[G, N, Dg]`` (the state index before the
+    channel, as the states are laid out) in ``dtype``; a view."""
+    return A.to(dtype).view(groups, -1, A.shape[1]).transpose(1, 2)
+
+
 def _decay_and_input(dt: Tensor, u: Tensor, A: Tensor, B: Tensor,
                      scale_input: bool = True) -> Tuple[Tensor, Tensor]:
     """``a = exp(dt A)`` and ``b = dt u B`` (``u B`` without
     ``scale_input``), both ``[B, G, L, N, Dg]`` (the state index before the
     channel, so the innermost axis is long)."""
-    groups, per_group = u.shape[1], u.shape[3]
     n_state = A.shape[1]
-    A_g = A.to(dt.dtype).view(groups, per_group, n_state).transpose(1, 2)
+    A_g = _state_major(A, u.shape[1], dt.dtype)
     # Contiguous, so the recurrences view it rather than copy it each time.
     a = torch.mul(dt.unsqueeze(3), A_g.unsqueeze(1)).exp_().contiguous()
     b = (torch.mul(dt, u) if scale_input else u.to(dt.dtype, copy=True))
@@ -212,8 +217,8 @@ def _blocked_scan(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """
     batch, groups, length, per_group = u.shape
     n_state, ct = A.shape[1], dt.dtype
-    A_g = A.to(ct).view(groups, per_group, n_state).transpose(1, 2)
-    A_g = A_g.contiguous()  # strided, it slows the products below ~1.5x
+    # contiguous: strided, it slows the products below ~1.5x
+    A_g = _state_major(A, groups, ct).contiguous()
 
     def steps(x: Tensor) -> Tensor:  # [B, G, L, X] -> [L, B, G, X] view
         return x.permute(2, 0, 1, 3)
@@ -295,8 +300,7 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         ct = _compute_dtype(u)
-        groups, per_group = u.shape[1], u.shape[3]
-        n_state = A.shape[1]
+        groups = u.shape[1]
         dt, pre = _step(delta, delta_bias, ctx.delta_softplus, ct)
         a, b = _decay_and_input(dt, u, A, B, ctx.scale_input)
         h = _recurrence(a, b, reverse=ctx.reverse)
@@ -317,7 +321,7 @@ class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
         # a_t h_prev = h_t - b_t, so dL/d(dt A) = g_t a_t h_prev.
         d_log_a = g * h.sub_(b)
         del a, b, h
-        A_g = A.to(ct).view(groups, per_group, n_state).transpose(1, 2)
+        A_g = _state_major(A, groups, ct)
         # dL/d(dt u) without the D path (dL/du without scale_input)
         g_b = (g * B_).sum(3)
         d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3)

@@ -10,16 +10,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / 'shared'
-REFERENCE = SHARED / 'reference'
+# Outputs of the official implementations for small random models, and the
+# official checkpoints' key listings (see tests/data/reference/README.md).
+REFERENCE = REPO_ROOT / 'tests' / 'data' / 'reference'
 
 
 def reference_file(name: str) -> Path:
-    """A file of ../shared/reference; fails (never skips) when it is absent."""
+    """A file of tests/data/reference; fails (never skips) when absent."""
     path = REFERENCE / name
     if not path.is_file():
-        pytest.fail(f'reference fixture missing: {path} (tests expect '
-                    '../shared beside the repository)')
+        pytest.fail(f'reference fixture missing: {path}')
     return path
 
 

@@ -14,7 +14,7 @@ MS_SHORT_SIDES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 # name: backbone type, arch, drop path, pipeline, epochs, milestones,
 # warm-up iterations, FPN in_channels, published params (M, as the papers
-# round them; ../shared/spec/configs.md)
+# round them: the MILA paper's and the VMamba paper's Mask R-CNN tables)
 RECIPES = {
     'mask_rcnn_mila_t_1x': ('MILA', 'tiny', 0.1, 'ms-crop', 12, [8, 11], 500,
                             [64, 128, 256, 512], 44),

@@ -12,7 +12,7 @@ output LayerNorm as the final norm, global average pooling and
 Linear(768 -> 1000). Params are exact. FLOPs are multiply-adds counted by
 the project's analyzer (linear, conv and attention products; the forget
 gate's scan analytically as 9 * L * C * N), once without norms (the
-convention of ../shared/spec/design_space.md) and once with LayerNorms
+convention of the paper's FLOP columns) and once with LayerNorms
 counted as fvcore/MMEngine count them by default (5 per element), which is
 the column that rounds to the published one-decimal figures.
 

@@ -7,9 +7,8 @@ Table 1), and positional encodings likewise (its Table 2). None of those
 models is public. :class:`LinearAttentionTransformer` builds any of them,
 and any combination, from switches; :data:`DESIGN_ROWS` names the tables'
 rows (plus one combination), and :data:`PUBLISHED` holds the paper's
-figures for them. The readings of what the paper leaves open are those of
-``../shared/spec/design_space.md``; docs/design_space.md states them and
-compares the counts.
+figures for them. Where the paper leaves a detail open, the reading taken
+here is stated in docs/design_space.md, which also compares the counts.
 
 Like the other backbones, any input size works: the patch embedding pads
 to a multiple of 4 and patch merging pads odd grids.

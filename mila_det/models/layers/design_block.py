@@ -4,10 +4,9 @@
 NeurIPS 2024), Tables 1 and 2: a Swin-T-shaped Transformer with global
 multi-head linear attention, to which Mamba's six designs (input gate,
 forget gate, shortcut, no normalisation, single head, block design) and four
-positional encodings (APE, LePE, CPE, RoPE) can be added one by one. The
-readings of what the paper leaves open are those of
-``../shared/spec/design_space.md`` (sections 2-4); docs/design_space.md
-states them for users.
+positional encodings (APE, LePE, CPE, RoPE) can be added one by one.
+Where the paper leaves a detail open, docs/design_space.md states the
+reading taken here.
 
 Every switch is a constructor argument of :class:`DesignBlock`; the
 backbone (:mod:`mila_det.models.backbones.design_space`) checks them and

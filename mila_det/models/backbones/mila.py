@@ -66,8 +66,7 @@ class ConvLayer(nn.Module):
         norm, conv = self.norm, self.conv
         act = 'relu' if self.act is not None else None
         if (isinstance(norm, _BatchNorm) and not norm.training
-                and norm.running_var is not None and can_fold(x)
-                and not torch.jit.is_tracing()):
+                and norm.running_var is not None and can_fold(x)):
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
             bias = norm.bias - norm.running_mean * scale
             if conv.bias is not None:
@@ -101,9 +100,9 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        # Traced for any size, the pad is unconditional (no guard on H, W).
-        if torch.compiler.is_compiling() or h % 4 or w % 4:
-            x = F.pad(x, (0, -w % 4, 0, -h % 4))
+        # Unconditional (a no-op pad costs one copy of the image), so a
+        # graph traced at one size holds for every size.
+        x = F.pad(x, (0, -w % 4, 0, -h % 4))
         x = self.conv1(x)
         x = self.conv2(x) + x
         return self.conv3(x)
@@ -124,9 +123,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        if torch.compiler.is_compiling() or h % 2 or w % 2:
-            x = F.pad(x, (0, w % 2, 0, h % 2))
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, w % 2, 0, h % 2)))  # see Stem
 
 
 class MILALayer(nn.Module):

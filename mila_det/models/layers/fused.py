@@ -81,10 +81,9 @@ def cpu_fusion(enabled: bool) -> Iterator[None]:
 
 def use_onednn_projection(x: Tensor) -> bool:
     """Whether a token projection of ``x`` runs as a oneDNN 1x1 conv (CPU,
-    fp32/bf16/fp16, not traced: the FLOP counter sees the linear)."""
+    fp32/bf16/fp16)."""
     return (_fast_paths() and x.device.type == 'cpu'
-            and x.dtype != torch.float64 and x.numel() > 0
-            and not torch.jit.is_tracing())
+            and x.dtype != torch.float64 and x.numel() > 0)
 
 
 def can_fold(x: Tensor) -> bool:
@@ -103,12 +102,11 @@ def no_grad_needed(*tensors: Optional[Tensor]) -> bool:
 def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether the inference fusions may run on these tensors: the switch is
     on, they are fp32 on the CPU, none needs a gradient (the fused ops have
-    no backward), no autocast and no tracing."""
+    no backward) and no autocast."""
     return (_fast_paths() and x.device.type == 'cpu'
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and no_grad_needed(x, weight, bias)
-            and not torch.is_autocast_enabled('cpu')  # it picks the dtype
-            and not torch.jit.is_tracing())
+            and not torch.is_autocast_enabled('cpu'))  # it picks the dtype
 
 
 def conv2d_act(x: Tensor,

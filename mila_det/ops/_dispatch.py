@@ -15,17 +15,23 @@ that ``auto`` picked and that fails to compile or launch does not end the
 run: the first call of each operator variant (operator, device, dtype,
 whether gradients are needed) runs its forward, and its backward where a
 gradient is needed, on detached views of the inputs first, and every later
-forward is guarded too; if one raises (other than running out of memory),
-a warning names the operator and the error, and the operator runs in
-PyTorch for the rest of the process. A backward that first fails on a later
-shape still raises. A forced ``triton`` raises instead.
+forward is guarded too. If one raises one of Triton's own compile or launch
+errors (:data:`KERNEL_ERRORS`, by type), one warning gives the operator and
+the error's text, and the operator runs in PyTorch for the rest of the
+process. Every other exception (a bug, running out of memory, activation
+checkpointing's control flow) propagates. A backward that first fails on a
+later shape still raises. A forced ``triton`` raises instead.
+
+``MILA_DET_BACKEND`` is read once, when this module is imported
+(:data:`BACKEND`).
 """
+import contextlib
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterator, Mapping, Optional,
+                    Tuple)
 
 import torch
-import torch.utils.checkpoint
 
 try:
     import triton  # noqa: F401
@@ -35,16 +41,39 @@ except ImportError:
 
 BACKENDS = ('auto', 'torch', 'triton', 'naive')
 BACKEND_ENV = 'MILA_DET_BACKEND'
+
+
+def backend_setting(environ: Mapping[str, str] = os.environ) -> str:
+    """The backend ``MILA_DET_BACKEND`` asks for (``'auto'`` when unset),
+    lower-cased; read once, when this module is imported."""
+    return (environ.get(BACKEND_ENV) or 'auto').lower()
+
+
+BACKEND = backend_setting()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run every operator called inside on ``backend`` (``'auto'``,
+    ``'torch'``, ``'triton'`` or ``'naive'``) unless a call passes its own
+    ``backend=``: the run-time counterpart of ``MILA_DET_BACKEND``."""
+    global BACKEND
+    if backend.lower() not in BACKENDS:
+        raise ValueError(f'unknown backend {backend!r}; expected one of '
+                         f'{BACKENDS}')
+    previous, BACKEND = BACKEND, backend.lower()
+    try:
+        yield
+    finally:
+        BACKEND = previous
 # Triton reads TRITON_INTERPRET when it is imported, so this module does too.
 TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def requested_backend(op: str, backend: Optional[str] = None) -> str:
-    """The backend asked for: ``backend``, else ``MILA_DET_BACKEND``, else
-    ``'auto'``, lower-cased and checked."""
-    if backend is None:
-        backend = os.environ.get(BACKEND_ENV, 'auto') or 'auto'
-    backend = backend.lower()
+    """The backend asked for: ``backend``, else :data:`BACKEND` (the
+    ``MILA_DET_BACKEND`` setting at import), lower-cased and checked."""
+    backend = BACKEND if backend is None else backend.lower()
     if backend not in BACKENDS:
         raise ValueError(f'{op}: unknown backend {backend!r}; expected one '
                          f'of {BACKENDS} (argument backend= or the '
@@ -123,21 +152,35 @@ def dispatch(op: str,
 
 # (op, device, dtype, needs grad) -> None if the kernels ran, else the error
 _TRIED: Dict[Tuple[Any, ...], Optional[str]] = {}
-# Raised through a kernel call without being the kernel's fault: memory, and
-# activation checkpointing's control flow (it stops a recomputation early
-# by raising from inside the operator).
-_NOT_KERNEL_ERRORS = tuple(
-    e for e in (torch.cuda.OutOfMemoryError,
-                getattr(torch.utils.checkpoint, '_StopRecomputationError',
-                        None),
-                getattr(torch.utils.checkpoint, 'CheckpointError', None))
-    if e is not None)
+
+
+def _kernel_errors() -> Tuple[type, ...]:
+    """Triton's own compile and launch errors, by name: what ``auto``
+    falls back from. Any other exception is a bug and propagates."""
+    if not HAS_TRITON:
+        return ()
+    import importlib
+    names = (('triton.errors', 'TritonError'),
+             ('triton.compiler.errors', 'CompilationError'),
+             ('triton.runtime.errors', 'OutOfResources'),
+             ('triton.runtime.errors', 'PTXASError'))
+    found = []
+    for module, name in names:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+KERNEL_ERRORS = _kernel_errors()
 
 
 def _guarded(op: str, triton_impl: Callable,
              torch_impl: Callable) -> Callable:
     """``triton_impl``, falling back to ``torch_impl`` for good when the
-    kernels fail on their first use (see the module docstring)."""
+    kernels raise one of :data:`KERNEL_ERRORS` on their first use (see the
+    module docstring)."""
 
     def run(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -147,7 +190,7 @@ def _guarded(op: str, triton_impl: Callable,
         if _TRIED.get(key) is not None:
             return torch_impl(*args)
         try:
-            if key not in _TRIED and not torch.compiler.is_compiling():
+            if key not in _TRIED:
                 # Outer saved-tensor hooks (activation checkpointing,
                 # offloading) must not see the probe's graph.
                 with torch.autograd.graph.saved_tensors_hooks(
@@ -155,9 +198,7 @@ def _guarded(op: str, triton_impl: Callable,
                     _probe(triton_impl, args, needs_grad)
                 _TRIED[key] = None
             return triton_impl(*args)
-        except _NOT_KERNEL_ERRORS:
-            raise
-        except Exception as err:  # compile, launch or resource errors
+        except KERNEL_ERRORS as err:
             _TRIED[key] = f'{type(err).__name__}: {err}'
             warnings.warn(
                 f'mila_det: the Triton kernels of {op} failed on {key[1]} '
@@ -179,6 +220,6 @@ def _probe(impl: Callable, args: tuple, needs_grad: bool) -> None:
         out = impl(*copies)
         leaves = [c for c in copies
                   if isinstance(c, torch.Tensor) and c.requires_grad]
-        if leaves:
+        if leaves and out.requires_grad:
             torch.autograd.grad(out, leaves, torch.ones_like(out),
                                 allow_unused=True)

@@ -204,12 +204,13 @@ def test_triton_backend_matches_pytorch(name, monkeypatch):
     model = build(name).train()
     x = torch.randn(1, 3, 24, 40)
     results = []
+    from mila_det.ops import use_backend
     for backend in ('torch', 'triton'):
-        monkeypatch.setenv('MILA_DET_BACKEND', backend)
-        outs = model(x)
-        loss = sum((o * o).mean() for o in outs)
-        results.append((outs, torch.autograd.grad(
-            loss, list(model.parameters()))))
+        with use_backend(backend):
+            outs = model(x)
+            loss = sum((o * o).mean() for o in outs)
+            results.append((outs, torch.autograd.grad(
+                loss, list(model.parameters()))))
     (want, g_want), (got, g_got) = results
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from mila_det.ops import dispatch, resolve_backend
+from mila_det.ops import dispatch, resolve_backend, use_backend
 from tests.conftest import REPO_ROOT
 
 
@@ -16,12 +16,25 @@ def test_auto_is_torch_on_cpu():
 
 
 def test_environment_variable_forces_backend(monkeypatch):
+    """The setting is read once (at import) into ``BACKEND``, which then
+    decides every call that passes no ``backend=``."""
+    from mila_det.ops import _dispatch
+    assert _dispatch.backend_setting({}) == 'auto'
+    assert _dispatch.backend_setting({'MILA_DET_BACKEND': 'Torch'}) == 'torch'
     x = torch.zeros(1)
-    monkeypatch.setenv('MILA_DET_BACKEND', 'torch')
-    assert resolve_backend('op', x) == 'torch'
-    monkeypatch.setenv('MILA_DET_BACKEND', 'cuda')
+    monkeypatch.setattr(_dispatch, 'BACKEND', 'naive')
+    assert resolve_backend('op', x) == 'naive'
+    assert resolve_backend('op', x, 'torch') == 'torch'
+    monkeypatch.setattr(_dispatch, 'BACKEND', 'cuda')
     with pytest.raises(ValueError, match='unknown backend'):
         resolve_backend('op', x)
+    monkeypatch.setattr(_dispatch, 'BACKEND', 'auto')
+    with use_backend('naive'):
+        assert resolve_backend('op', x) == 'naive'
+    assert resolve_backend('op', x) == 'torch'
+    with pytest.raises(ValueError, match='unknown backend'):
+        with use_backend('cuda'):
+            pass
 
 
 def test_forcing_triton_on_cpu_explains_the_fix(monkeypatch):
@@ -86,7 +99,13 @@ def pretend_cuda(monkeypatch):
     monkeypatch.setattr(_dispatch, 'HAS_TRITON', True)
     monkeypatch.setattr(_dispatch, '_TRIED', {})
     monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda t: True))
-    monkeypatch.delenv('MILA_DET_BACKEND', raising=False)
+    monkeypatch.setattr(_dispatch, 'BACKEND', 'auto')
+
+
+def _kernel_error():
+    """One of Triton's own launch errors (what ``auto`` falls back from)."""
+    errors = pytest.importorskip('triton.runtime.errors')
+    return errors.OutOfResources(1 << 20, 1 << 16, 'shared memory')
 
 
 class _BrokenBackward(torch.autograd.Function):
@@ -96,7 +115,7 @@ class _BrokenBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        raise RuntimeError('PTX JIT compilation failed (on purpose)')
+        raise _kernel_error()
 
 
 @pytest.mark.parametrize('where', ['forward', 'backward'])
@@ -107,7 +126,7 @@ def test_a_failing_kernel_falls_back_under_auto_and_raises_when_forced(
     def kernel(x):
         calls.append('triton')
         if where == 'forward':
-            raise RuntimeError('out of resources: shared memory (on purpose)')
+            raise _kernel_error()
         return _BrokenBackward.apply(x)
 
     def plain(x):
@@ -117,16 +136,47 @@ def test_a_failing_kernel_falls_back_under_auto_and_raises_when_forced(
     impls = dict(naive=plain, torch=plain, triton=kernel)
     x = torch.randn(3, requires_grad=True)
     with pytest.warns(RuntimeWarning, match='kernels of my_op failed.*'
-                      'on purpose') as record:
+                      'OutOfResources: out of resource: shared memory'
+                      ) as record:
         y = dispatch('my_op', x, None, impls)(x)
         y.sum().backward()
         dispatch('my_op', x, None, impls)(x)  # no second warning
     assert len(record) == 1
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
     assert calls[-2:] == ['torch', 'torch']
-    with pytest.raises(RuntimeError, match='on purpose'):
+    errors = pytest.importorskip('triton.runtime.errors')
+    with pytest.raises(errors.OutOfResources):
         out = dispatch('my_op', x, 'triton', impls)(x)
         out.sum().backward()
+
+
+@pytest.mark.parametrize('error', [ValueError, RuntimeError, TypeError])
+def test_other_errors_propagate_under_auto(error, pretend_cuda):
+    """Only Triton's compile / launch errors fall back: a bug in a wrapper
+    raises (no warning, no silent switch to PyTorch for later calls)."""
+    import warnings
+
+    def kernel(x):
+        raise error('a bug in the wrapper (on purpose)')
+
+    impls = dict(naive=None, torch=lambda x: x * 2, triton=kernel)
+    x = torch.randn(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for _ in range(2):
+            with pytest.raises(error, match='on purpose'):
+                dispatch('bug_op', x, None, impls)(x)
+
+
+def test_kernel_errors_are_tritons_own():
+    pytest.importorskip('triton')
+    from mila_det.ops import _dispatch
+    import triton.compiler.errors
+    import triton.runtime.errors
+    assert triton.compiler.errors.CompilationError in _dispatch.KERNEL_ERRORS
+    assert triton.runtime.errors.OutOfResources in _dispatch.KERNEL_ERRORS
+    assert not any(issubclass(RuntimeError, e) or issubclass(e, RuntimeError)
+                   for e in _dispatch.KERNEL_ERRORS if e is not Exception)
 
 
 def test_working_kernels_are_probed_once(pretend_cuda):

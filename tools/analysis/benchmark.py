@@ -422,13 +422,13 @@ def main() -> None:
           f'{torch.get_num_threads()} threads, {malloc}', flush=True)
     backends = ['auto'] + (['naive'] if args.compare_naive else [])
     results = {}
+    from mila_det.ops import use_backend
     for backend in backends:
-        os.environ['MILA_DET_BACKEND'] = backend
         step = make_step(model, is_detector, args.mode, args.shape,
                          args.batch, device)
         repeat = args.repeat if backend == 'auto' else max(1, args.repeat // 3)
-        results[backend] = time_it(step, device, args.warmup, repeat)
-    os.environ.pop('MILA_DET_BACKEND', None)
+        with use_backend(backend):
+            results[backend] = time_it(step, device, args.warmup, repeat)
     breakdown = None
     if args.breakdown:
         from mila_det.analysis.breakdown import op_class_breakdown

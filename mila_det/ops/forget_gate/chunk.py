@@ -12,40 +12,15 @@ tensors here (its analytic backward recomputes the states instead of
 storing them). The normaliser ``q_t . cumsum(k)_t`` is computed in fp32 (fp64
 for fp64 inputs) by ordinary autograd ops.
 
-Why the scan and not the per-channel factorised chunk form (within a chunk
-of ``T`` tokens, cumulative log-decays ``la_t[c, s]``, ``q_t exp(la_t)`` and
-``k_j exp(-la_j)`` per channel, one masked ``T x T`` product per channel,
-states carried across chunks; written for the measurement with autograd for
-its backward): measured on the project's shared 2-core CPU machine (fp32,
-``torch.set_num_threads(2)``, B = 2, L = 56 * 56, 3 heads of dk = dv = 32,
-q, k ~ U(0, 1), delta ~ U(0, 0.1), A = -(1..32); the paths interleaved,
-7 runs each, median (fastest) in ms; other jobs kept the load at ~6, so
-the spread is wide):
-
-    ==============================  ===========  ================
-    path                            forward      forward+backward
-    ==============================  ===========  ================
-    scan (this module)              1704 (1156)  5627 (3407)
-    factorised, T = 16              2511 (930)   10527 (3115)
-    factorised, T = 32              3037 (1777)  11723 (6737)
-    ==============================  ===========  ================
-
-Neither is clearly faster on this machine: the scan by median (1.5x
-forward, 1.9x forward+backward), the factorised form at T = 16 by best run
-(1.2x and 1.1x). And the
-factorised form is not safe: ``exp(-la_j)`` overflows fp32 once a chunk's
-summed decay ``sum_t delta_t |A|`` passes ~88, which trained steps reach
-(delta ~ U(0, 1) with A = -(1..32) and T = 16 gives NaN), so it would need
-data-dependent chunk sizes. The scan is exact for every step, keeps only its
-inputs for the backward (the factorised form's autograd keeps several
-``[B, L, C, dk]`` tensors), and shares its code with the selective scan, so
-it is the path used.
-
-The scan's forward has since been blocked (one block of tokens' decays at
-a time, in cache; ``selective_scan.chunk._blocked_scan``): the
-same stage-1 call at B = 4 went from 542 ms to 90 ms (no_grad, median of
-5, quiet machine), which brought the forget-gate backbone from 0.18x to
-0.47-0.51x the baseline's CPU throughput (docs/design_space.md).
+The scan rather than the per-channel factorised chunk form (cumulative
+log-decays within a chunk, ``q_t exp(la_t)`` against ``k_j exp(-la_j)``):
+the factorised form is no faster on CPU, and ``exp(-la_j)`` overflows fp32
+once a chunk's summed decay ``sum_t delta_t |A|`` passes ~88, which trained
+steps reach. The scan is exact for every step, keeps only its inputs for
+the backward and shares its code with the selective scan. Its forward runs
+one block of tokens' decays at a time (``selective_scan.chunk``). The
+measurements behind this are in docs/benchmarks.md ("The forget gate's
+CPU path").
 """
 import torch
 from torch import Tensor

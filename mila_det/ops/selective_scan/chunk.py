@@ -21,9 +21,7 @@ With a state size ``N > 1`` (the forget gate's ``N = 32``) the decays and
 states are ``N`` times the activations, too big to pass over several times:
 there the forward runs :func:`_blocked_scan` instead, which forms the decays
 for one block of tokens at a time, in cache, and steps the states over them
-token by token (6x faster than the whole-sequence passes for the
-forget gate's stage-1 shape, B = 4, L = 3136, 3 heads of 32, on the
-project's 2-core CPU: 542 ms before, 90 ms after).
+token by token (docs/benchmarks.md, "The forget gate's CPU path").
 """
 import math
 from typing import Optional, Tuple

@@ -22,7 +22,10 @@ traceable PyTorch composition without complex numbers and without Python
 loops over symbolic sizes (``ExportedProgram.run_decompositions``); the one
 op those compositions keep, ``mila_det::linear_recurrence`` over chunks, is
 lowered to an ONNX ``Scan`` by ``tools/deploy/export_onnx.py`` (see
-``docs/deploy.md`` for the resulting graph and its cost).
+``docs/deploy.md`` for the resulting graph and its cost). The same
+compositions are registered as the ops' decompositions for the stock
+``torch.onnx.export(..., dynamo=True)`` (see the end of this module), with
+the recurrence over chunks unrolled (:func:`unrolled_recurrence`).
 """
 import contextlib
 from typing import Callable, Dict, Iterator, List, Optional
@@ -40,7 +43,7 @@ from .cross_selective_scan.naive import (compose_cross_selective_scan,
 from .forget_gate import dispatch_forget_gate_attention
 from .forget_gate.naive import causal_normaliser
 from .linear_attention import dispatch_linear_attention
-from .linear_attention.naive import apply_rope
+from .linear_attention.naive import linear_attention_fp32
 from .selective_scan.chunk import linear_recurrence as chunk_recurrence
 
 __all__ = ['export_decompositions', 'chunked_recurrence', 'EXPORT_CHUNK']
@@ -373,22 +376,24 @@ torch.library.register_autograd('mila_det::linear_recurrence',
 EXPORT_CHUNK = 16
 
 
-def chunked_recurrence(a: Tensor, b: Tensor,
-                       chunk: int = EXPORT_CHUNK) -> Tensor:
+def chunked_recurrence(a: Tensor, b: Tensor, chunk: int = EXPORT_CHUNK,
+                       carry: Optional[Callable] = None) -> Tensor:
     """``h[t] = a[t] * h[t-1] + b[t]`` along dim 0 of ``a, b: [L, M]``,
     traceable for a symbolic ``L``.
 
     The tokens are padded to whole chunks of ``chunk`` (a constant); a pass
     unrolled over the ``chunk`` steps gives every chunk's end state from a
     zero start and the product of its decays (all chunks at once); the
-    states entering the chunks come from :func:`linear_recurrence_op` over
-    the chunks (an ONNX ``Scan`` of ``ceil(L / chunk)`` steps); a second
-    unrolled pass gives every state. Only products of decays in ``(0, 1]``
-    and sums of bounded terms appear: no division, no exp of a sum.
+    states entering the chunks come from ``carry`` over the chunks
+    (default :func:`linear_recurrence_op`, an ONNX ``Scan`` of
+    ``ceil(L / chunk)`` steps); a second unrolled pass gives every state.
+    Only products of decays in ``(0, 1]`` and sums of bounded terms appear:
+    no division, no exp of a sum.
 
     Returns:
         Tensor: ``[L, M]``.
     """
+    carry = carry or torch.ops.mila_det.linear_recurrence
     length, width = a.shape
     n_chunks = (length + chunk - 1) // chunk
     pad = n_chunks * chunk - length
@@ -400,13 +405,30 @@ def chunked_recurrence(a: Tensor, b: Tensor,
     for a_t, b_t in zip(a_steps[1:], b_steps[1:]):
         end = a_t * end + b_t
         decay = decay * a_t
-    ends = torch.ops.mila_det.linear_recurrence(decay, end)
+    ends = carry(decay, end)
     state = torch.cat([ends.new_zeros(1, width), ends[:-1]])
     states = []
     for a_t, b_t in zip(a_steps, b_steps):
         state = a_t * state + b_t
         states.append(state)
     return torch.stack(states, 1).reshape(n_chunks * chunk, width)[:length]
+
+
+def unrolled_recurrence(a: Tensor, b: Tensor,
+                        chunk: int = EXPORT_CHUNK) -> Tensor:
+    """:func:`chunked_recurrence` with the carry over the chunks solved the
+    same way, recursively, down to at most ``chunk`` steps: plain ATen
+    element-wise ops only (``2 * chunk`` steps per level, ``log_chunk(L)``
+    levels), for a fixed ``L``. This is how ``mila_det::linear_recurrence``
+    lowers when an exporter has no translation of its own for it."""
+    length, width = a.shape
+    if length <= chunk:
+        state, states = a.new_zeros(width), []
+        for t in range(length):
+            state = a[t] * state + b[t]
+            states.append(state)
+        return torch.stack(states) if states else b.clone()
+    return chunked_recurrence(a, b, chunk, carry=unrolled_recurrence)
 
 
 def export_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
@@ -466,22 +488,9 @@ def export_cross_selective_scan(x: Tensor, x_proj_weight: Tensor,
 def export_linear_attention(q: Tensor, k: Tensor, v: Tensor, rope: Tensor,
                             num_heads: int, eps: float,
                             backend: Optional[str] = None) -> Tensor:
-    """``mila_det::linear_attention`` as traceable PyTorch in real
-    arithmetic (the reference's computation, without complex numbers)."""
-    b, n, c = q.shape
-    d = c // num_heads
-    ct = torch.promote_types(q.dtype, torch.float32)
-    qf, kf, vf, rope = q.to(ct), k.to(ct), v.to(ct), rope.to(ct)
-    q_r, k_r = apply_rope(qf, rope), apply_rope(kf, rope)
-
-    def heads(t: Tensor) -> Tensor:  # [B, N, C] -> [B, h, N, d]
-        return t.reshape(b, n, num_heads, d).transpose(1, 2)
-
-    qf, kf, vf, q_r, k_r = map(heads, (qf, kf, vf, q_r, k_r))
-    z = 1.0 / (qf @ kf.mean(2, keepdim=True).transpose(-2, -1) + eps)
-    kv = (k_r.transpose(-2, -1) @ vf) / n
-    out = (q_r @ kv) * z
-    return out.transpose(1, 2).reshape(b, n, c).to(q.dtype)
+    """``mila_det::linear_attention`` as traceable PyTorch: the definition
+    (:mod:`~.linear_attention.naive`, real arithmetic throughout)."""
+    return linear_attention_fp32(q, k, v, num_heads, rope, eps)
 
 
 def export_forget_gate_attention(q: Tensor, k: Tensor, v: Tensor,
@@ -533,3 +542,33 @@ def export_decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     table[ops.cross_merge.default] = export_cross_merge
     table[ops.forget_gate_attention.default] = export_forget_gate_attention
     return table
+
+
+# ---------------------------------------------------------------------------
+# Lowering for the stock exporter.
+# ---------------------------------------------------------------------------
+# ``torch.onnx.export(model, args, dynamo=True)`` decomposes every op that
+# has no ONNX translation with the decompositions it finds in
+# ``torch._decomp.decomposition_table`` (or a CompositeImplicitAutograd
+# kernel). A CompositeImplicitAutograd kernel would also be inlined by
+# torch.compile (so compiled code would run the definition, not the fast
+# paths), and torch.library has no public call that registers a
+# decomposition for export only; so the decompositions go into that table,
+# which torch.compile does not apply to custom ops at static shapes.
+# ``tools/deploy/export_onnx.py`` still keeps ``linear_recurrence`` (an ONNX
+# Scan, for dynamic sizes) by giving it a translation.
+def _register_export_lowerings() -> None:
+    from torch._decomp import register_decomposition
+    ops = torch.ops.mila_det
+    for op, fn in ((ops.linear_attention.default, export_linear_attention),
+                   (ops.cross_selective_scan.default,
+                    export_cross_selective_scan),
+                   (ops.cross_scan.default, export_cross_scan),
+                   (ops.cross_merge.default, export_cross_merge),
+                   (ops.forget_gate_attention.default,
+                    export_forget_gate_attention),
+                   (ops.linear_recurrence.default, unrolled_recurrence)):
+        register_decomposition(op)(fn)
+
+
+_register_export_lowerings()

@@ -307,3 +307,30 @@ def test_onnx_round_trip_fixed_and_dynamic_sizes(name, tmp_path):
     for shape in ((64, 96), (96, 160)):
         result = tool.check_onnx(model, dynamic, shape, repeat=0)
         assert result['max_abs_err'] < 1e-4, (shape, result)
+
+
+@pytest.mark.parametrize('name', ['mila', 'vmamba'])
+def test_stock_onnx_exporter_at_an_odd_fixed_size(name, tmp_path):
+    """``torch.onnx.export(model, (x, ), f, dynamo=True)``, with nothing of
+    mila_det called first: every op lowers to its decomposition (the scan's
+    carry unrolled, no Scan) and onnxruntime matches PyTorch."""
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    torch.manual_seed(0)
+    if name == 'mila':
+        model = MILA(arch=dict(embed_dims=16, depths=(1, 1),
+                               num_heads=(1, 2)), out_indices=(0, 1))
+    else:  # N = 2 states: the scan's state axis is not squeezed away
+        model = VMamba(arch=dict(dims=16, depths=(1, 1), ssm_ratio=1.0,
+                                 d_state=2), out_indices=(0, 1))
+    model.eval()
+    x = torch.randn(1, 3, 45, 67)
+    path = str(tmp_path / 'stock.onnx')
+    torch.onnx.export(model, (x, ), path, dynamo=True)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert rel_err(torch.from_numpy(g), w) < 1e-4

@@ -91,14 +91,6 @@ def test_rope_cache_is_bounded_and_multiscale_training_does_not_thrash():
     assert (h, w, 64, torch.device('cpu')) in small.tables  # the newest
 
 
-def test_grid_rope_table_is_the_reference_table():
-    la = importlib.import_module('mila_det.ops.linear_attention')
-    for h, w, c in ((7, 9, 16), (1, 5, 4), (13, 2, 64)):
-        torch.testing.assert_close(la.grid_rope_table(h, w, c),
-                                   la.build_rope_table(h, w, c),
-                                   rtol=0, atol=0)
-
-
 def test_rope_table_from_inference_mode_usable_in_training():
     """A table cached during inference_mode is a normal tensor: a training
     step that reuses it runs its backward and every parameter gets a

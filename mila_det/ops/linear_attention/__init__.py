@@ -19,7 +19,7 @@ from .parallel import parallel_linear_attention
 
 __all__ = [
     'linear_attention', 'rope_table', 'apply_rope', 'build_rope_table',
-    'grid_rope_table', 'RopeTableCache', 'ROPE_CACHE',
+    'RopeTableCache', 'ROPE_CACHE',
     'naive_linear_attention', 'parallel_linear_attention',
     'dispatch_linear_attention'
 ]
@@ -72,7 +72,7 @@ class RopeTableCache:
             self.tables.move_to_end(key)
             return table
         self.misses += 1
-        table = grid_rope_table(height, width, channels, device)
+        table = build_rope_table(height, width, channels, device=device)
         size = table.numel() * table.element_size()
         if size > self.max_bytes:  # used once, evicting nothing
             return table
@@ -82,28 +82,6 @@ class RopeTableCache:
             total -= old.numel() * old.element_size()
         self.tables[key] = table
         return table
-
-
-def grid_rope_table(height: int, width: int, channels: int,
-                    device: Union[torch.device, str, None] = None,
-                    base: float = 10000.0) -> Tensor:
-    """:func:`~.naive.build_rope_table` computed per axis: the angles of
-    rows and columns (float64, as there), then one expand over the grid."""
-    if channels % 4 != 0:
-        raise ValueError(f'2-D RoPE needs a channel count divisible by 4, '
-                         f'got {channels}')
-    quarter = channels // 4
-    f64 = dict(dtype=torch.float64, device=device)
-    theta = base**(-torch.arange(quarter, **f64) / quarter)
-
-    def cos_sin(n: int) -> Tensor:  # [n, C/4, 2]
-        angle = torch.arange(n, **f64)[:, None] * theta
-        return torch.stack([angle.cos(), angle.sin()], -1).float()
-
-    rows = cos_sin(height)[:, None].expand(height, width, quarter, 2)
-    cols = cos_sin(width)[None].expand(height, width, quarter, 2)
-    return torch.cat([rows, cols], dim=2).reshape(height * width,
-                                                  2 * quarter, 2)
 
 
 ROPE_CACHE = RopeTableCache()
@@ -121,7 +99,7 @@ def rope_table(height: int, width: int, channels: int,
     if torch.compiler.is_compiling():
         # Traced from the (possibly symbolic) grid size with real
         # arithmetic: the cache keys by Python ints and would specialise.
-        return grid_rope_table(height, width, channels, device)
+        return build_rope_table(height, width, channels, device=device)
     # Built outside inference mode so a table first made during inference
     # can still be used by a later training step.
     with torch.inference_mode(False), torch.no_grad():

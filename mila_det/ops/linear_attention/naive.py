@@ -38,19 +38,20 @@ def build_rope_table(height: int,
     if channels % 4 != 0:
         raise ValueError(f'2-D RoPE needs a channel count divisible by 4, '
                          f'got {channels}')
-    k_max = channels // 4
-    theta = base**(-torch.arange(k_max, dtype=torch.float64, device=device) /
-                   k_max)
-    ys = torch.arange(height, dtype=torch.float64, device=device)
-    xs = torch.arange(width, dtype=torch.float64, device=device)
-    angle_y = (ys[:, None] * theta).view(height, 1, k_max).expand(
-        height, width, k_max)
-    angle_x = (xs[:, None] * theta).view(1, width, k_max).expand(
-        height, width, k_max)
-    angles = torch.cat([angle_y, angle_x], dim=-1).reshape(
-        height * width, 2 * k_max)
-    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    return table.float()
+    quarter = channels // 4
+    f64 = dict(dtype=torch.float64, device=device)
+    theta = base**(-torch.arange(quarter, **f64) / quarter)
+
+    # The angles per axis (float64), then one expand over the grid: a
+    # table costs (H + W) * C / 4 angles, not H * W * C / 2.
+    def cos_sin(n: int) -> Tensor:  # [n, C/4, 2]
+        angle = torch.arange(n, **f64)[:, None] * theta
+        return torch.stack([angle.cos(), angle.sin()], -1).float()
+
+    rows = cos_sin(height)[:, None].expand(height, width, quarter, 2)
+    cols = cos_sin(width)[None].expand(height, width, quarter, 2)
+    return torch.cat([rows, cols], dim=2).reshape(height * width,
+                                                  2 * quarter, 2)
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
@@ -87,11 +88,13 @@ def naive_linear_attention(q: Tensor,
     if isinstance(rope, (tuple, list)):
         rope = build_rope_table(rope[0], rope[1], c, device=q.device)
     with torch.autocast(q.device.type, enabled=False):  # sums stay fp32
-        return _linear_attention_fp32(q, k, v, num_heads, rope, eps)
+        return linear_attention_fp32(q, k, v, num_heads, rope, eps)
 
 
-def _linear_attention_fp32(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
-                           rope: Tensor, eps: float) -> Tensor:
+def linear_attention_fp32(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                          rope: Tensor, eps: float) -> Tensor:
+    """:func:`naive_linear_attention` on a table, without the autocast
+    scope (the sums are fp32 whatever the input dtype; fp64 for fp64)."""
     b, n, c = q.shape
     d = c // num_heads
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64

@@ -33,6 +33,9 @@ from mmengine.optim import OptimWrapper
 from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from .datasets.robust import SkipBadSamples
+from .hooks import save_checkpoint_atomically, write_last_checkpoint
+
 
 @OPTIM_WRAPPERS.register_module()
 class CPUAutocastOptimWrapper(OptimWrapper):
@@ -143,7 +146,10 @@ class IterCheckpointHook(Hook):
     reads, so a killed run restarts from whichever checkpoint, epoch or
     iteration, was written last. Only the newest ``max_keep_ckpts``
     iteration checkpoints are kept (the list survives a resume through the
-    message hub); epoch checkpoints are left to ``CheckpointHook``.
+    message hub); epoch checkpoints are left to ``CheckpointHook``. The
+    file and ``last_checkpoint`` are written atomically (temporary name,
+    fsync, rename; see :func:`~mila_det.hooks.save_checkpoint_atomically`)
+    and the older files are removed only after the new one is complete.
 
     Resuming from an iteration checkpoint continues mid-epoch only under
     ``ResumableEpochBasedTrainLoop``; MMEngine's ``EpochBasedTrainLoop``
@@ -181,15 +187,16 @@ class IterCheckpointHook(Hook):
         runner.message_hub.update_info(self.info_key, kept)
         filename = f'iter_{done}.pth'
         runner.logger.info(f'Saving iteration checkpoint {filename}')
-        runner.save_checkpoint(runner.work_dir, filename, by_epoch=False)
+        save_checkpoint_atomically(runner, runner.work_dir, filename,
+                                   by_epoch=False)
         if not is_main_process():
             return
         for step in stale:  # only once the new one is complete
             path = osp.join(runner.work_dir, f'iter_{step}.pth')
             if osp.isfile(path):
                 os.remove(path)
-        with open(osp.join(runner.work_dir, 'last_checkpoint'), 'w') as f:
-            f.write(osp.join(runner.work_dir, filename))
+        write_last_checkpoint(runner.work_dir,
+                              osp.join(runner.work_dir, filename))
 
 
 @DATA_SAMPLERS.register_module()
@@ -251,7 +258,10 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
     differ. This loop:
 
     * wraps the train dataloader's batch sampler in
-      ``ResumableBatchSampler``;
+      ``ResumableBatchSampler``, and its dataset in ``SkipBadSamples`` (an
+      unreadable image is replaced by another sample; see
+      :class:`~mila_det.datasets.SkipBadSamples`) unless
+      ``skip_bad_samples`` is False;
     * at the start of each epoch computes ``done = iter - epoch *
       len(dataloader)``, the batches of this epoch the checkpoint already
       trained (0 except in the first epoch after resuming from an
@@ -281,21 +291,36 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
             A config gets its batch sampler wrapped; a built ``DataLoader``
             must already use ``ResumableBatchSampler`` to resume mid-epoch.
         max_epochs (int): Epochs to train.
+        skip_bad_samples (bool | dict): Wrap the train dataset (from a
+            config) in ``SkipBadSamples``; a dict gives its arguments
+            (``max_retries``, ``check_size``). Defaults to True.
         **kwargs: ``val_begin``, ``val_interval``, ``dynamic_intervals`` as
             for ``EpochBasedTrainLoop``.
     """
 
     def __init__(self, runner, dataloader: Union[DataLoader, dict],
-                 max_epochs: int, **kwargs) -> None:
+                 max_epochs: int, skip_bad_samples: Union[bool, dict] = True,
+                 **kwargs) -> None:
         if isinstance(dataloader, dict):
-            dataloader = self._resumable_loader_cfg(dataloader)
+            dataloader = self._resumable_loader_cfg(dataloader,
+                                                    skip_bad_samples)
         super().__init__(runner, dataloader, max_epochs, **kwargs)
 
     @staticmethod
-    def _resumable_loader_cfg(cfg: dict) -> dict:
+    def _resumable_loader_cfg(cfg: dict,
+                              skip_bad_samples: Union[bool, dict] = False
+                              ) -> dict:
         """``cfg`` with its batch sampler wrapped in ResumableBatchSampler
-        (a ``drop_last`` without a batch sampler moves into the wrapper)."""
+        (a ``drop_last`` without a batch sampler moves into the wrapper)
+        and, if ``skip_bad_samples``, its dataset in SkipBadSamples."""
         cfg = dict(cfg)
+        dataset = cfg.get('dataset')
+        if skip_bad_samples and isinstance(dataset, dict) and \
+                dataset.get('type') not in ('SkipBadSamples', SkipBadSamples):
+            options = skip_bad_samples if isinstance(skip_bad_samples,
+                                                     dict) else {}
+            cfg['dataset'] = dict(type=SkipBadSamples, dataset=dataset,
+                                  **options)
         inner = cfg.pop('batch_sampler', None)
         if isinstance(inner, ResumableBatchSampler) or (
                 isinstance(inner, dict) and inner.get('type') in (

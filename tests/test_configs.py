@@ -146,8 +146,10 @@ def test_config_checkpoints_inside_epochs_and_resumes_there(path, interval):
     """Epoch checkpoints as MMDetection's, plus iteration ones (the newest
     two kept), with the loop that resumes inside an epoch."""
     cfg = Config.fromfile(path)
-    assert cfg.default_hooks.checkpoint.type == 'CheckpointHook'
+    assert cfg.default_hooks.checkpoint.type == 'SafeCheckpointHook'
     assert cfg.default_hooks.checkpoint.interval == 1
+    assert cfg.default_hooks.divergence_guard.type == 'DivergenceGuardHook'
+    assert cfg.default_hooks.skipped_samples.type == 'SkippedSamplesHook'
     assert cfg.default_hooks.iter_checkpoint == dict(
         type='IterCheckpointHook', interval=interval, max_keep_ckpts=2)
     assert cfg.train_cfg.type == 'ResumableEpochBasedTrainLoop'

@@ -21,10 +21,13 @@ from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mila_det  # noqa: F401,E402  (registers models, safe loading)
+from mila_det.hooks import TrainingStopped  # noqa: E402
 from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
 from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
 from mila_det.utils.preflight import (  # noqa: E402
     check_data, check_pretrained)
+from mila_det.utils.resume import (  # noqa: E402
+    ResumeError, find_resume_checkpoint, unreadable_reason)
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,8 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from CKPT, or when no path is given from the newest '
-        'checkpoint in the work dir (epoch_*.pth or iter_*.pth, the one '
-        'its last_checkpoint names); an iter_*.pth continues mid-epoch')
+        'readable checkpoint in the work dir (epoch_*.pth or iter_*.pth, '
+        'the one its last_checkpoint names unless that one is damaged); an '
+        'iter_*.pth continues mid-epoch')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. '
                         'train_dataloader.batch_size=4')
@@ -86,6 +90,36 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def warn(message: str) -> None:
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def pick_resume_checkpoint(cfg: Config, resume: str) -> None:
+    """Set ``cfg.load_from`` to a checkpoint that can be read.
+
+    ``--resume`` (``resume == 'auto'``) takes the newest readable
+    checkpoint of the work dir, warning about each newer unreadable one
+    (a half-written file named in ``last_checkpoint``); with none there it
+    trains from the start, saying so. ``--resume PATH`` must be readable.
+
+    Raises:
+        ResumeError: The named checkpoint, or every checkpoint of the work
+            dir, cannot be read.
+    """
+    if resume == 'auto':
+        path, _ = find_resume_checkpoint(cfg.work_dir, warn)
+        if path is None:
+            warn(f'--resume: no checkpoint in {cfg.work_dir}; training '
+                 'starts from the beginning')
+            cfg.resume = False
+        else:
+            cfg.load_from = path
+        return
+    reason = unreadable_reason(resume)
+    if reason is not None:
+        raise ResumeError(f'cannot resume from {resume}: {reason}')
+
+
 def main() -> None:
     args = parse_args()
     keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
@@ -96,12 +130,20 @@ def main() -> None:
             check_pretrained(cfg)
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
+    try:
+        if args.resume is not None:
+            pick_resume_checkpoint(cfg, args.resume)
+    except ResumeError as err:
+        sys.exit(f'error: {err}')
     init_cpu_distributed(args.launcher)
     if 'runner_type' in cfg:
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except TrainingStopped as err:  # logged; the message says what to do
+        sys.exit(f'error: {err}')
 
 
 if __name__ == '__main__':

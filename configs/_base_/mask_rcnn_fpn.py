@@ -17,6 +17,21 @@ custom_imports = dict(imports=['mila_det'], allow_failed_imports=False)
 # time. `tools/train.py CONFIG --resume` picks the newest checkpoint and
 # ResumableEpochBasedTrainLoop (the schedule base) continues a mid-epoch one
 # with the epoch's remaining batches, in the same order, none repeated.
+#
+# A multi-day run survives what it meets (mila_det/hooks.py):
+# - checkpoints and last_checkpoint are written atomically (temporary file,
+#   fsync, rename) and old ones removed only once the new one is complete;
+#   a full disk stops the run naming the folder, free space, size needed
+#   and the newest good checkpoint;
+# - a step with a NaN/inf loss or gradient norm is skipped, 5 in a row stop
+#   the run naming the iteration, the loss terms and the checkpoint to go
+#   back to; non-finite weights are never saved;
+# - an unreadable training image (or one whose size disagrees with its
+#   annotation) is replaced by another sample, warned about once and listed
+#   at the end of the epoch; more than 0.1% of the dataset stops the run.
 default_hooks = dict(
+    checkpoint=dict(type='SafeCheckpointHook'),
     iter_checkpoint=dict(type='IterCheckpointHook', interval=1000,
-                         max_keep_ckpts=2))
+                         max_keep_ckpts=2),
+    divergence_guard=dict(type='DivergenceGuardHook', max_consecutive=5),
+    skipped_samples=dict(type='SkippedSamplesHook', max_fraction=0.001))

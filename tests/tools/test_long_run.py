@@ -1,0 +1,445 @@
+"""A long run survives what it meets: divergence, unreadable images, full
+disks and half-written checkpoints (mila_det/hooks.py, mila_det/datasets/
+robust.py, mila_det/utils/{atomic_io,resume}.py, tools/check_dataset.py,
+tools/fault_soak.py)."""
+import errno
+import glob
+import json
+import logging
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+import torch
+from mmengine.fileio.backends import LocalBackend
+from mmengine.logging import MessageHub
+from mmengine.optim import OptimWrapper
+from mmengine.structures import BaseDataElement
+
+from mila_det.datasets import (BadSampleError, SkipBadSamples,
+                               make_shapes_coco, replacement_index)
+from mila_det.hooks import (BadSampleLimitError, CheckpointWriteError,
+                            DivergenceError, DivergenceGuardHook,
+                            SafeCheckpointHook, SkippedSamplesHook,
+                            save_checkpoint_atomically)
+from mila_det.utils.atomic_io import AtomicWriteError, atomic_write
+from mila_det.utils.resume import (ResumeError, find_resume_checkpoint,
+                                   unreadable_reason)
+from tests.conftest import REPO_ROOT
+
+TOOLS = osp.join(REPO_ROOT, 'tools')
+
+
+class FakeRunner:
+    """What the hooks read of a runner: iteration, epoch, work dir, logger,
+    message hub, model and optim wrapper; ``save_checkpoint`` writes a
+    small torch file (``fail_after`` bytes then ENOSPC, when set)."""
+
+    def __init__(self, work_dir, model=None, optim_wrapper=None,
+                 dataset_size=1000):
+        self.work_dir = str(work_dir)
+        self.iter = 0
+        self.epoch = 0
+        self.model = model or torch.nn.Linear(3, 2)
+        self.optim_wrapper = optim_wrapper or OptimWrapper(
+            torch.optim.SGD(self.model.parameters(), lr=0.1))
+        self.message_hub = MessageHub.get_instance(f'hub-{id(self)}')
+        self.logger = logging.getLogger(f'fake-runner-{id(self)}')
+        self.fail_after = None
+        self.train_dataloader = type(
+            'Loader', (), {'dataset': list(range(dataset_size))})()
+
+    def save_checkpoint(self, out_dir, filename, **kwargs):
+        path = osp.join(out_dir, filename)
+        state = {'meta': {'iter': self.iter + 1},
+                 'state_dict': self.model.state_dict()}
+        with open(path, 'wb') as f:
+            if self.fail_after is None:
+                torch.save(state, f)
+                return
+            f.write(b'x' * self.fail_after)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def save_good(path, value=1.0):
+    torch.save({'meta': {'iter': 1},
+                'state_dict': {'w': torch.full((4, ), value)}}, path)
+
+
+# ------------------------------------------------------------------ atomic
+
+
+def test_atomic_write_failure_leaves_old_file_and_no_temporary(
+        tmp_path, monkeypatch):
+    path = str(tmp_path / 'last_checkpoint')
+    atomic_write(path, 'old')
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(os, 'fsync', no_space)
+    with pytest.raises(AtomicWriteError) as info:
+        atomic_write(path, 'new contents')
+    message = str(info.value)
+    assert str(tmp_path) in message and 'no space left' in message
+    assert 'free space there: ' in message and 'needed: 12 B' in message
+    assert open(path).read() == 'old'
+    assert os.listdir(tmp_path) == ['last_checkpoint']
+
+
+def test_checkpoint_write_on_a_full_disk_stops_naming_the_good_one(
+        tmp_path):
+    runner = FakeRunner(tmp_path)
+    save_checkpoint_atomically(runner, runner.work_dir, 'iter_2.pth')
+    assert unreadable_reason(str(tmp_path / 'iter_2.pth')) is None
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_2.pth'))
+    runner.iter, runner.fail_after = 3, 100
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint_atomically(runner, runner.work_dir, 'iter_4.pth')
+    message = str(info.value)
+    assert 'no space left on device' in message
+    assert f'newest good checkpoint: {tmp_path / "iter_2.pth"}' in message
+    assert re.search(r'needed: \d+(\.\d)? [kM]?B', message), message
+    assert sorted(os.listdir(tmp_path)) == ['iter_2.pth', 'last_checkpoint']
+
+
+def _checkpoint_hook(runner, max_keep):
+    hook = SafeCheckpointHook(interval=1, max_keep_ckpts=max_keep,
+                              by_epoch=False)
+    hook.out_dir = runner.work_dir
+    hook.file_backend = LocalBackend()
+    hook.filename_tmpl = 'iter_{}.pth'
+    hook.keep_ckpt_ids = deque([], max_keep)
+    return hook
+
+
+def test_old_checkpoints_removed_only_after_the_new_one_is_complete(
+        tmp_path):
+    runner = FakeRunner(tmp_path)
+    hook = _checkpoint_hook(runner, max_keep=2)
+    for step in (1, 2, 3):
+        hook._save_checkpoint_with_step(runner, step, {})
+    assert sorted(os.listdir(tmp_path)) == [
+        'iter_2.pth', 'iter_3.pth', 'last_checkpoint']
+    assert (tmp_path / 'last_checkpoint').read_text() == str(
+        tmp_path / 'iter_3.pth')
+    runner.fail_after = 10
+    with pytest.raises(CheckpointWriteError):
+        hook._save_checkpoint_with_step(runner, 4, {})
+    # MMEngine's hook deletes iter_2 before writing iter_4; ours keeps it
+    assert sorted(os.listdir(tmp_path)) == [
+        'iter_2.pth', 'iter_3.pth', 'last_checkpoint']
+    assert (tmp_path / 'last_checkpoint').read_text() == str(
+        tmp_path / 'iter_3.pth')
+
+
+# -------------------------------------------------------------- divergence
+
+
+def _guarded(tmp_path, max_consecutive=3):
+    model = torch.nn.Linear(2, 1)
+    runner = FakeRunner(tmp_path, model, OptimWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1)))
+    hook = DivergenceGuardHook(max_consecutive=max_consecutive)
+    hook.before_train(runner)
+    return runner, hook
+
+
+def _step(runner, hook, scale):
+    """One training iteration whose loss is ``scale`` times a finite one."""
+    model = runner.model
+    loss = model(torch.ones(1, 2)).sum() * scale
+    runner.optim_wrapper.update_params(loss)
+    hook.after_train_iter(runner, runner.iter,
+                          outputs={'loss_cls': loss.detach(),
+                                   'loss_bbox': torch.tensor(0.5)})
+    runner.iter += 1
+
+
+def test_divergence_guard_skips_non_finite_steps_then_stops(tmp_path):
+    runner, hook = _guarded(tmp_path, max_consecutive=3)
+    save_good(str(tmp_path / 'iter_1.pth'))
+    before = runner.model.weight.detach().clone()
+    _step(runner, hook, 1.0)  # a finite step is taken
+    assert not torch.equal(runner.model.weight, before)
+    taken = runner.model.weight.detach().clone()
+    _step(runner, hook, float('nan'))
+    _step(runner, hook, float('inf'))
+    assert torch.equal(runner.model.weight, taken)  # both skipped
+    assert runner.model.weight.grad is None or not bool(
+        runner.model.weight.grad.any())
+    _step(runner, hook, 1.0)  # a good step ends the streak
+    assert not torch.equal(runner.model.weight, taken)
+    _step(runner, hook, float('nan'))
+    _step(runner, hook, float('nan'))
+    with pytest.raises(DivergenceError) as info:
+        _step(runner, hook, float('nan'))
+    message = str(info.value)
+    assert 'from iteration 5 to 7' in message
+    assert 'loss_cls' in message and 'loss_bbox' not in message
+    assert f'newest good checkpoint: {tmp_path / "iter_1.pth"}' in message
+    hook.after_train(runner)
+    assert 'step' not in vars(runner.optim_wrapper)
+
+
+def test_divergence_guard_skips_a_step_with_infinite_gradients(tmp_path):
+    runner, hook = _guarded(tmp_path)
+    runner.model.weight.register_hook(lambda g: g * float('inf'))
+    before = runner.model.weight.detach().clone()
+    _step(runner, hook, 1.0)  # finite loss, infinite gradient norm
+    assert torch.equal(runner.model.weight, before)
+    assert hook.streak == 1
+
+
+def test_no_checkpoint_from_non_finite_weights(tmp_path):
+    runner, hook = _guarded(tmp_path)
+    good = {'meta': {'iter': 3}, 'state_dict': {'w': torch.ones(2)}}
+    hook.before_save_checkpoint(runner, good)  # finite: allowed
+    bad = {'meta': {'iter': 4},
+           'state_dict': {'w': torch.ones(2),
+                          'bn.running_var': torch.tensor([1., float('nan')])}}
+    save = _checkpoint_hook(runner, max_keep=1)
+    runner.save_checkpoint = lambda out_dir, name, **kw: \
+        hook.before_save_checkpoint(runner, bad)
+    with pytest.raises(DivergenceError, match='bn.running_var'):
+        save._save_checkpoint_with_step(runner, 4, {})
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_resume_passes_over_a_truncated_newest_checkpoint(tmp_path):
+    older, newest = str(tmp_path / 'iter_2.pth'), str(tmp_path / 'iter_4.pth')
+    save_good(older)
+    save_good(newest)
+    os.utime(older, (1, 1))
+    with open(newest, 'r+b') as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    (tmp_path / 'last_checkpoint').write_text(newest)
+    (tmp_path / '.iter_6.pth.tmp').write_bytes(b'partial')
+    warnings = []
+    path, skipped = find_resume_checkpoint(str(tmp_path), warnings.append)
+    assert path == older
+    assert [p for p, _ in skipped] == [newest]
+    assert any(newest in w and 'not a complete checkpoint' in w
+               for w in warnings), warnings
+    assert not osp.exists(tmp_path / '.iter_6.pth.tmp')
+    # a checkpoint with NaN weights is not a resume point either
+    save_good(newest, float('nan'))
+    assert 'NaN/inf' in unreadable_reason(newest)
+    os.remove(older)
+    with pytest.raises(ResumeError, match='iter_4.pth'):
+        find_resume_checkpoint(str(tmp_path), warnings.append)
+    assert find_resume_checkpoint(str(tmp_path / 'none'), print) == (None, [])
+
+
+# ------------------------------------------------------------- bad samples
+
+
+class Samples:
+    """A dataset whose sample ``i`` is ``i``; ``bad`` indices raise, and
+    ``shapes`` gives an index a decoded size other than its annotation's
+    32x32."""
+
+    def __init__(self, size, bad=(), shapes=None):
+        self.size, self.bad, self.shapes = size, set(bad), shapes or {}
+        self.metainfo = dict(classes=('a', ))
+
+    def __len__(self):
+        return self.size
+
+    def get_data_info(self, index):
+        return dict(img_path=f'img/{index:03d}.png', height=32, width=32)
+
+    def __getitem__(self, index):
+        if index in self.bad:
+            raise AssertionError(f'failed to load image: img/{index:03d}.png')
+        sample = BaseDataElement(
+            metainfo=dict(ori_shape=self.shapes.get(index, (32, 32))))
+        return dict(inputs=index, data_samples=sample)
+
+
+def test_skip_bad_samples_replaces_and_notes_unreadable_images():
+    data = SkipBadSamples(Samples(50, bad={7}, shapes={9: (31, 32)}))
+    assert len(data) == 50 and data.metainfo == dict(classes=('a', ))
+    good = data[3]
+    assert good['inputs'] == 3 and 'skipped_samples' not in \
+        good['data_samples'].metainfo
+    first = data[7]
+    assert first['inputs'] == replacement_index(7, 0, 50) != 7
+    assert data[7]['inputs'] == first['inputs']  # deterministic
+    assert first['data_samples'].skipped_samples == [
+        ('img/007.png', 'AssertionError: failed to load image: img/007.png')]
+    mismatch = data[9]['data_samples'].skipped_samples
+    assert mismatch[0][0] == 'img/009.png' and 'annotated 32x32' in \
+        mismatch[0][1]
+    with pytest.raises(BadSampleError, match='index 0 after 2'):
+        SkipBadSamples(Samples(3, bad={0, 1, 2}), max_retries=2)[0]
+
+
+def test_skipped_samples_hook_warns_once_lists_and_stops(tmp_path, caplog):
+    runner = FakeRunner(tmp_path, dataset_size=1000)  # limit: 1 file
+    hook = SkippedSamplesHook()
+    assert hook.limit(1000) == 1 and hook.limit(10) == 1
+    assert SkippedSamplesHook(max_fraction=0.01).limit(1000) == 10
+
+    def batch(*paths):
+        samples = [BaseDataElement(metainfo=dict(skipped_samples=[
+            (p, 'cannot decode')])) for p in paths]
+        return dict(inputs=[], data_samples=samples + [BaseDataElement()])
+
+    runner.logger.propagate = True
+    with caplog.at_level(logging.WARNING, logger=runner.logger.name):
+        for _ in range(2):  # two epochs, the same bad file each
+            hook.before_train_epoch(runner)
+            hook.after_train_iter(runner, 0, batch('a.png'))
+            hook.after_train_iter(runner, 1, batch())
+            hook.after_train_epoch(runner)
+            runner.epoch += 1
+    text = caplog.text
+    assert text.count('skipped training image a.png: cannot decode') == 1
+    assert 'epoch 1: 1 training image(s) skipped' in text
+    assert 'epoch 2: 1 training image(s) skipped' in text
+    with pytest.raises(BadSampleLimitError, match='b.png: cannot decode'):
+        hook.after_train_iter(runner, 0, batch('b.png'))
+
+
+# ------------------------------------------------------------ check_dataset
+
+
+def test_check_dataset_lists_exactly_the_bad_files(tmp_path):
+    root = str(tmp_path / 'shapes') + '/'
+    make_shapes_coco(root, num_train=6, num_val=2, size=48, seed=3)
+    with open(osp.join(root, 'train', '000003.png'), 'wb') as f:
+        f.write(os.urandom(500))
+    ann_file = osp.join(root, 'annotations', 'instances_train.json')
+    with open(ann_file) as f:
+        data = json.load(f)
+    moved = data['annotations'][-1]
+    moved['bbox'] = [30.0, 30.0, 40.0, 10.0]  # past the 48x48 border
+    with open(ann_file, 'w') as f:
+        json.dump(data, f)
+    image = next(i for i in data['images'] if i['id'] == moved['image_id'])
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(
+        f'train_dataloader = dict(dataset=dict(type="CocoDataset", '
+        f'data_root={root!r}, ann_file="annotations/instances_train.json",'
+        f' data_prefix=dict(img="train/")))\n'
+        f'val_dataloader = dict(dataset=dict(type="CocoDataset", '
+        f'data_root={root!r}, ann_file="annotations/instances_val.json", '
+        f'data_prefix=dict(img="val/")))\n')
+    proc = subprocess.run(
+        [sys.executable, osp.join(TOOLS, 'check_dataset.py'), str(cfg)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    bad = re.findall(r'^BAD (\S+): (.*)$', proc.stdout, re.M)
+    assert sorted(p for p, _ in bad) == sorted([
+        osp.join(root, 'train', '000003.png'),
+        osp.join(root, 'train', image['file_name'])]), proc.stdout
+    reasons = dict(bad)
+    assert 'cannot be decoded' in reasons[osp.join(root, 'train',
+                                                   '000003.png')]
+    assert 'lies outside the 48x48 image' in reasons[
+        osp.join(root, 'train', image['file_name'])]
+    assert 'checked 8 images in 2 annotation files' in proc.stdout
+    assert '8/8 images' in proc.stderr or '6/6 images' in proc.stderr
+
+
+# ------------------------------------------------------- end to end (demo)
+
+
+@pytest.fixture(scope='module')
+def demo_data(tmp_path_factory):
+    """8 training images (2 demo batches) and 3 validation images; training
+    image 000003.png replaced by random bytes."""
+    root = str(tmp_path_factory.mktemp('shapes')) + '/'
+    make_shapes_coco(root, num_train=8, num_val=3, size=64, seed=1)
+    with open(osp.join(root, 'train', '000003.png'), 'wb') as f:
+        f.write(os.urandom(800))
+    return root
+
+
+DEMO = osp.join(REPO_ROOT, 'configs/demo/mask_rcnn_mila_demo.py')
+
+
+def demo_options(root, epochs):
+    """The demo config on ``root``'s data for ``epochs`` epochs of 2
+    iterations, a checkpoint after every iteration, every iteration
+    logged, every detection kept (a few iterations leave all scores below
+    the usual 0.05, and an empty result has no metrics)."""
+    ann_val = osp.join(root, 'annotations/instances_val.json')
+    return [f'train_dataloader.dataset.data_root={root}',
+            f'val_dataloader.dataset.data_root={root}',
+            f'test_dataloader.dataset.data_root={root}',
+            # 64-pixel inputs (the demo resizes to 192)
+            'train_dataloader.dataset.pipeline.2.scale=(64,64)',
+            'val_dataloader.dataset.pipeline.1.scale=(64,64)',
+            f'val_evaluator.ann_file={ann_val}',
+            f'test_evaluator.ann_file={ann_val}',
+            f'train_cfg.max_epochs={epochs}',
+            f'train_cfg.val_interval={epochs}',
+            'default_hooks.iter_checkpoint.interval=1',
+            'default_hooks.logger.interval=1',
+            'model.test_cfg.rcnn.score_thr=0.0']
+
+
+def test_fault_soak_demo_ends_bit_identical(tmp_path, demo_data):
+    """Five faults (kill, kill inside a checkpoint write, kill, full disk,
+    kill + truncated newest checkpoint) with a resume after each: the same
+    final weights and COCO metrics as an uninterrupted run. The corrupt
+    training image is skipped in both runs, warned about once per run and
+    listed at the end of each epoch."""
+    proc = subprocess.run(
+        [sys.executable, osp.join(TOOLS, 'fault_soak.py'), DEMO,
+         '--work-dir', str(tmp_path), '--seed', '0', '--cfg-options',
+         *demo_options(demo_data, epochs=3)],
+        capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    faults = re.findall(r'^fault \d+: (\S+)', proc.stdout, re.M)
+    assert faults == ['kill', 'kill-in-write', 'kill', 'full-disk',
+                      'truncate'], proc.stdout
+    assert 'final weights equal bit for bit: True' in proc.stdout
+    assert 'COCO metrics equal: True' in proc.stdout
+    assert 'soak passed' in proc.stdout
+    log = open(glob.glob(str(tmp_path / 'straight' / '*' / '*.log'))[0]
+               ).read()
+    bad = osp.join(demo_data, 'train', '000003.png')
+    assert log.count(f'skipped training image {bad}') == 1
+    for epoch in (1, 2, 3):
+        assert re.search(rf'epoch {epoch}: 1 training image\(s\) skipped '
+                         rf'.*\n.*{re.escape(bad)}', log), epoch
+
+
+def test_divergent_demo_stops_and_keeps_finite_checkpoints(
+        tmp_path, demo_data):
+    work = str(tmp_path / 'work')
+    options = demo_options(demo_data, epochs=3)
+    proc = subprocess.run(
+        [sys.executable, osp.join(TOOLS, 'train.py'), DEMO, '--work-dir',
+         work, '--cfg-options', *options,
+         'optim_wrapper.optimizer.lr=1000.0'],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith('error: training diverged'), out[-4000:]
+    # stopped by the streak of skipped steps or, when the forward already
+    # put NaN into BatchNorm statistics, by the checkpoint due next
+    stop = max(int(n) for n in re.findall(r'iteration (\d+)|to (\d+)',
+                                          message)[-1] if n)
+    first = re.search(r'iteration (\d+): non-finite', out)
+    first = int(first.group(1)) if first else stop
+    assert 0 <= stop - first <= 5, out[-4000:]
+    assert re.search(r'non-finite: [^)]*loss|weight tensors hold NaN/inf',
+                     message), message
+    checkpoints = glob.glob(osp.join(work, '*.pth'))
+    for path in checkpoints:
+        assert unreadable_reason(path) is None, path
+    named = re.search(r'newest good checkpoint: (\S+)\.', message)
+    assert (named is None) == (not checkpoints)

@@ -355,10 +355,11 @@ def test_check_dataset_lists_exactly_the_bad_files(tmp_path):
 
 @pytest.fixture(scope='module')
 def demo_data(tmp_path_factory):
-    """8 training images (2 demo batches) and 3 validation images; training
+    """4 training images (2 batches of 2) and 2 validation images; training
     image 000003.png replaced by random bytes."""
     root = str(tmp_path_factory.mktemp('shapes')) + '/'
-    make_shapes_coco(root, num_train=8, num_val=3, size=64, seed=1)
+    make_shapes_coco(root, num_train=4, num_val=2, size=64, seed=1)
+    assert osp.isfile(osp.join(root, 'train', '000003.png'))
     with open(osp.join(root, 'train', '000003.png'), 'wb') as f:
         f.write(os.urandom(800))
     return root
@@ -381,6 +382,7 @@ def demo_options(root, epochs):
             'val_dataloader.dataset.pipeline.1.scale=(64,64)',
             f'val_evaluator.ann_file={ann_val}',
             f'test_evaluator.ann_file={ann_val}',
+            'train_dataloader.batch_size=2',
             f'train_cfg.max_epochs={epochs}',
             f'train_cfg.val_interval={epochs}',
             'default_hooks.iter_checkpoint.interval=1',

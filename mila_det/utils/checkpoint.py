@@ -7,9 +7,13 @@ command-line converter in ``tools/`` behave the same:
   :meth:`~mmengine.runner.CheckpointLoader.load_checkpoint`, so local paths,
   ``https://``, ``open-mmlab://``, ``torchvision://`` and the other schemes
   MMDetection users know all work;
-* every scheme unpickles with ``weights_only=True``: a file that holds other
-  objects is refused with an error naming the class, never retried unsafely
-  (:func:`load_checkpoint_file` says how to allow a class on purpose);
+* files are unpickled with ``weights_only=True`` (the loaders
+  :mod:`mila_det.utils.weights` registers with MMEngine pass it explicitly):
+  a file that holds other objects is refused with an error naming the class,
+  never retried unsafely (:func:`load_checkpoint_file` says how to allow a
+  class on purpose). Classes are allowed only inside a
+  ``torch.serialization.safe_globals`` block around each load, never added
+  to torch's global list;
 * the backbone's tensors are found under ``state_dict`` (MMDetection),
   ``model`` (ImageNet releases) or at the top level, and a ``backbone.``
   prefix is stripped;
@@ -18,15 +22,14 @@ command-line converter in ``tools/`` behave the same:
   counts, the first keys and the known arch the checkpoint does fit, unless
   partial loading is asked for with ``strict=False``.
 """
-import contextlib
 import functools
 import importlib
 import logging
 import os
 import pickle
 import re
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, NamedTuple,
-                    Optional, Sequence, Union)
+from typing import (IO, Any, Callable, Dict, Iterable, List, NamedTuple,
+                    Optional, Sequence, Tuple, Union)
 
 import torch
 from mmengine.logging import print_log
@@ -35,10 +38,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 StateDict = Dict[str, Tensor]
-# torch.load reads these at every call; the first wins over an explicit
-# ``weights_only=False`` (torch.hub passes one for downloads).
-FORCE_WEIGHTS_ONLY = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
-FORCE_NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+SafeGlobal = Union[str, Callable, Tuple[Callable, str]]
 
 
 class CheckpointError(RuntimeError):
@@ -83,32 +83,6 @@ class LoadReport(NamedTuple):
 
 
 # ---------------------------------------------------------------- reading
-@contextlib.contextmanager
-def _weights_only_everywhere() -> Iterator[None]:
-    """Make every ``torch.load`` inside the block use ``weights_only=True``.
-
-    MMEngine's loaders call ``torch.load`` without the argument (the local,
-    ``open-mmlab://`` and ceph loaders) or through
-    ``torch.hub.load_state_dict_from_url``, which passes
-    ``weights_only=False``. torch's own switch
-    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides both; a user's
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set aside for the block (it
-    would contradict it).
-    """
-    saved = {k: os.environ.get(k)
-             for k in (FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY)}
-    os.environ[FORCE_WEIGHTS_ONLY] = '1'
-    os.environ.pop(FORCE_NO_WEIGHTS_ONLY, None)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _resolve_global(name: Union[str, Callable]) -> Callable:
     """``'package.module.Class'`` -> the object (objects pass through)."""
     if not isinstance(name, str):
@@ -129,16 +103,74 @@ def _resolve_global(name: Union[str, Callable]) -> Callable:
                      "dotted name, e.g. 'argparse.Namespace')")
 
 
-def _allow(safe_globals: Sequence[Union[str, Callable]]):
-    """A context in which ``safe_globals`` are allow-listed for
-    weights-only unpickling (nothing changes outside it)."""
-    if not safe_globals:
-        return contextlib.nullcontext()
-    allow = getattr(torch.serialization, 'safe_globals', None)
-    if allow is None:
-        raise ValueError('safe_globals needs torch >= 2.5 '
-                         '(torch.serialization.safe_globals)')
-    return allow([_resolve_global(g) for g in safe_globals])
+def _checkpoint_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` as MMEngine checkpoints use it: only to rebuild the
+    statistics methods a pickled ``HistoryBuffer`` keeps. Anything else is
+    refused, so allowing it does not open ``getattr`` to arbitrary
+    objects."""
+    from mmengine.logging import HistoryBuffer
+    if (isinstance(obj, HistoryBuffer) or obj is HistoryBuffer) and \
+            not name.startswith('_') and callable(getattr(HistoryBuffer, name,
+                                                          None)):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); only '
+        'HistoryBuffer methods are allowed')
+
+
+@functools.lru_cache(maxsize=1)
+def mmengine_safe_globals() -> Tuple[SafeGlobal, ...]:
+    """The non-tensor classes MMEngine's own checkpoints pickle.
+
+    A checkpoint written by MMEngine's runner (``--resume``, ``load_from``,
+    a released MMDetection model) keeps, besides tensors, the message hub's
+    ``HistoryBuffer`` objects with numpy arrays, dtypes and scalars inside,
+    and ``getattr`` calls that rebuild a buffer's statistics methods
+    (allowed for ``HistoryBuffer`` methods only).
+
+    Returns:
+        tuple: Entries for ``torch.serialization.safe_globals``.
+    """
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    try:
+        multiarray = np._core.multiarray
+    except AttributeError:  # numpy < 2
+        multiarray = np.core.multiarray
+    dtype_classes = sorted({type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDGUSO'},
+                           key=lambda c: c.__name__)
+    return (HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct,
+            multiarray.scalar, *dtype_classes,
+            (_checkpoint_getattr, 'builtins.getattr'))
+
+
+def allowed_globals(extra: Sequence[SafeGlobal] = ()
+                    ) -> 'torch.serialization.safe_globals':
+    """A block inside which weights-only unpickling accepts MMEngine's
+    checkpoint classes (:func:`mmengine_safe_globals`) and ``extra``
+    (classes, functions or their dotted names); torch's list is as before
+    once the block ends."""
+    return torch.serialization.safe_globals(
+        [*mmengine_safe_globals(),
+         *(g if isinstance(g, tuple) else _resolve_global(g)
+           for g in extra)])
+
+
+def weights_only_load(source: Union[str, IO[bytes]],
+                      map_location: Any = 'cpu',
+                      safe_globals: Sequence[SafeGlobal] = ()) -> Any:
+    """``torch.load(source, weights_only=True)`` with MMEngine's checkpoint
+    classes and ``safe_globals`` allowed for this call only.
+
+    Args:
+        source (str | file): A local file or an open binary file.
+        map_location: As for :func:`torch.load`. Defaults to ``'cpu'``.
+        safe_globals (Sequence): Further classes to allow (see
+            :func:`allowed_globals`). Defaults to ().
+    """
+    with allowed_globals(safe_globals):
+        return torch.load(source, map_location=map_location,
+                          weights_only=True)
 
 
 def _unpickler_reason(message: str) -> str:
@@ -174,9 +206,9 @@ def _refused(path: str, err: Exception) -> CheckpointError:
         'with weights_only=True, so no code from the file runs. If you '
         'trust this file, allow exactly that class: add '
         f'safe_globals={names!r} to the backbone\'s init_cfg (dict('
-        "type='Pretrained', checkpoint=..., safe_globals=[...])) or call "
-        f'torch.serialization.add_safe_globals([{listed}]) before '
-        'init_weights (further classes, if any, are named one at a time). '
+        "type='Pretrained', checkpoint=..., safe_globals=[...])) or wrap "
+        f'the call in `with torch.serialization.safe_globals([{listed}]):` '
+        '(further classes, if any, are named one at a time). '
         'Or load it once as trusted and re-save only the tensors: '
         "torch.save({'model': ckpt['model']}, 'clean.pth').", path, names)
 
@@ -188,9 +220,12 @@ def load_checkpoint_file(path: Optional[str],
 
     Goes through :meth:`mmengine.runner.CheckpointLoader.load_checkpoint`,
     so ``path`` may be a local file or an ``https://``, ``open-mmlab://``,
-    ``torchvision://``, ``s3://``... address (downloads are cached as MMEngine
-    and torch.hub do). Unpickling is weights-only for every scheme: tensors,
-    plain containers, numbers and strings load; anything else is refused.
+    ``torchvision://``, ``s3://``... address. Addresses are served by the
+    loaders of :mod:`mila_det.utils.weights`: a copy in ``data/pretrained/``
+    wins, downloads go once into torch.hub's cache. Unpickling is
+    weights-only: tensors, plain containers, numbers and strings load (and
+    the few classes of MMEngine's own checkpoints); anything else is
+    refused.
 
     Args:
         path (str, optional): Where the checkpoint is.
@@ -207,7 +242,8 @@ def load_checkpoint_file(path: Optional[str],
             where it was expected).
         CheckpointError: the file is not a checkpoint, or pickles a class
             that is not allow-listed (the message names it and says how to
-            allow it).
+            allow it), or a download failed (the message names the address
+            and the local path to use instead).
     """
     if path is None or not str(path).strip():
         raise ValueError(
@@ -224,9 +260,11 @@ def load_checkpoint_file(path: Optional[str],
                 "config's `pretrained` variable at it, or pass --cfg-options "
                 'model.backbone.init_cfg=None to train from scratch.')
     try:
-        with _weights_only_everywhere(), _allow(safe_globals):
+        with allowed_globals(safe_globals):
             return CheckpointLoader.load_checkpoint(
                 path, map_location='cpu', logger='current')
+    except CheckpointError:  # a failed download says what to do itself
+        raise
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
     except (EOFError, RuntimeError) as err:  # empty or truncated archives
@@ -320,36 +358,29 @@ def _named_archs(owner: type) -> Dict[str, dict]:
     return names
 
 
-class _MetaFactories(TorchFunctionMode):
-    """Creates tensors on the meta device (no memory, no init cost) except
-    ``torch.linspace``, which constructors read back as numbers (the
-    stochastic-depth schedule)."""
-
-    def __init__(self, factories: set) -> None:
-        super().__init__()
-        self.factories = factories - {torch.linspace}
+class _ScheduleOnCPU(TorchFunctionMode):
+    """Inside ``torch.device('meta')``: keeps ``torch.linspace`` on the CPU,
+    because constructors read it back as numbers (the stochastic-depth
+    schedule); every other tensor goes to the meta device."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in self.factories and kwargs.get('device') is None:
-            kwargs['device'] = 'meta'
+        if func is torch.linspace and kwargs.get('device') is None:
+            kwargs['device'] = 'cpu'
         return func(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def _arch_shapes(owner: type, arch: str) -> Dict[str, torch.Size]:
     """Key -> shape of ``owner(arch=arch)``'s state dict, built on the meta
-    device where possible (on the CPU otherwise); cached, do not modify."""
-    from torch.utils import _device  # private, hence the fallback below
-    factories = getattr(_device, '_device_constructors', None)
-    if factories is not None:
-        try:
-            with _MetaFactories(factories()):
-                model = owner(arch=arch)
-            return {k: v.shape for k, v in model.state_dict().items()}
-        except (NotImplementedError, RuntimeError):
-            pass
-    return {k: v.shape for k, v in owner(arch=arch).state_dict().items()}
+    device (no memory, no init cost), on the CPU if a constructor needs
+    real values; cached, do not modify."""
+    try:
+        with torch.device('meta'), _ScheduleOnCPU():
+            model = owner(arch=arch)
+    except (NotImplementedError, RuntimeError):
+        model = owner(arch=arch)
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def fitting_archs(cls: type, state: Dict[str, torch.Size],
@@ -503,43 +534,3 @@ def load_pretrained(module: nn.Module,
               level=logging.WARNING if partial else logging.INFO)
     return LoadReport(loaded, diff.missing, diff.unexpected,
                       ignored + diff.extra, diff.fresh, diff.mismatched)
-
-
-# ------------------------------------------------- MMEngine's own files
-def _checkpoint_getattr(obj, name: str):
-    """``getattr`` as MMEngine checkpoints use it: only to rebuild the
-    statistics methods a pickled ``HistoryBuffer`` keeps. Anything else is
-    refused, so the allow-list does not open ``getattr`` to arbitrary
-    objects."""
-    from mmengine.logging import HistoryBuffer
-    if (isinstance(obj, HistoryBuffer) or obj is HistoryBuffer) and \
-            not name.startswith('_') and callable(getattr(HistoryBuffer, name,
-                                                          None)):
-        return getattr(obj, name)
-    raise pickle.UnpicklingError(
-        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); only '
-        'HistoryBuffer methods are allowed')
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` (the default from torch 2.6)
-    read MMEngine's own checkpoints for ``--resume`` and ``load_from``.
-
-    They hold, besides tensors, the message hub's ``HistoryBuffer`` objects
-    with numpy arrays and scalars inside. Exactly those classes are added to
-    torch's allow-list (and ``getattr`` only for ``HistoryBuffer``
-    methods); ``weights_only`` itself stays on for all other code.
-    """
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is None:  # torch < 2.4 loads with weights_only=False anyway
-        return
-    import numpy as np
-    from mmengine.logging import HistoryBuffer
-    try:
-        multiarray = np._core.multiarray
-    except AttributeError:  # numpy < 2
-        multiarray = np.core.multiarray
-    dtype_classes = {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDGUSO'}
-    add([HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct,
-         multiarray.scalar, *dtype_classes,
-         (_checkpoint_getattr, 'builtins.getattr')])

@@ -15,6 +15,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from mila_det.datasets import make_shapes_coco
+from mila_det.utils.checkpoint import weights_only_load
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from tests.conftest import REPO_ROOT
@@ -239,8 +240,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
 
     # the same final weights, and so the same metrics
     assert _last_checkpoint(work) == 'epoch_2.pth'
-    a = torch.load(osp.join(straight, 'epoch_2.pth'), weights_only=True)
-    b = torch.load(osp.join(work, 'epoch_2.pth'), weights_only=True)
+    a = weights_only_load(osp.join(straight, 'epoch_2.pth'))
+    b = weights_only_load(osp.join(work, 'epoch_2.pth'))
     assert (a['meta']['epoch'], a['meta']['iter']) == (2, 8)
     assert (b['meta']['epoch'], b['meta']['iter']) == (2, 8)
     assert a['state_dict'].keys() == b['state_dict'].keys()

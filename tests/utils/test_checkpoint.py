@@ -1,8 +1,10 @@
 """Pretrained checkpoints: the official layouts load, files that do not fit
 or are not plain tensors are refused with messages that say why and what to
 do, every address scheme goes through MMEngine's CheckpointLoader with
-weights-only unpickling, and the authors' MM_VSSM config initialises as
-their code does.
+weights-only unpickling and no process-wide change (no environment variable,
+nothing left in torch's allow-list), and the authors' MM_VSSM config
+initialises as their code does. Addresses served over HTTP are tested in
+test_weights_by_address.py.
 
 The fake checkpoints carry exactly the keys and shapes of the official
 listings in ``../shared/reference/*_official_keys.txt``; tensor ``i`` of a
@@ -16,7 +18,6 @@ import os
 import os.path as osp
 import pickle
 import re
-import shutil
 from typing import Dict, List, Optional
 
 import pytest
@@ -27,14 +28,15 @@ from mmengine.runner import CheckpointLoader
 from torch import Tensor
 
 from mila_det.models.backbones import MILA, MM_VSSM, VMamba
-from mila_det.utils.checkpoint import (FORCE_NO_WEIGHTS_ONLY,
-                                       FORCE_WEIGHTS_ONLY, CheckpointError,
-                                       load_pretrained)
+from mila_det.utils.checkpoint import (CheckpointError, load_pretrained,
+                                       mmengine_safe_globals)
 from tests.conftest import official_key_listing
 
 MILA_KEYS = 'mila_official_keys.txt'
 VMAMBA_KEYS = 'vmamba_official_keys.txt'
 SWIN_URL_PREFIX = 'https://github.com/SwinTransformer/'
+# torch's switch for unsafe loading by default (a user's choice we override)
+FORCE_NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
 
 
 # ---------------------------------------------------------------- helpers
@@ -132,25 +134,26 @@ def log_records():
 
 
 class LoadSpy:
-    """Records how ``torch.load`` is called: the ``weights_only`` argument
-    and whether torch's force-weights-only switch is on at that moment."""
+    """Records the ``weights_only`` argument of every ``torch.load`` call
+    and the environment at that moment."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: List[tuple] = []
         real = torch.load
 
         def spy(*args, **kwargs):
-            self.calls.append((kwargs.get('weights_only'),
-                               os.environ.get(FORCE_WEIGHTS_ONLY)))
+            self.calls.append((kwargs.get('weights_only'), dict(os.environ)))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(torch, 'load', spy)
 
     def assert_all_weights_only(self) -> None:
-        """torch's switch was on at every call, so whatever the argument
-        said (torch.hub passes False), unpickling was weights-only."""
+        """Every call asked for weights-only unpickling explicitly (which
+        wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) and ran in the
+        environment the test set (no variable added)."""
         assert self.calls
-        assert all(forced == '1' for _, forced in self.calls), self.calls
+        assert all(w is True for w, _ in self.calls), self.calls
+        assert all(env == dict(os.environ) for _, env in self.calls)
 
 
 class Opaque:
@@ -318,8 +321,7 @@ def test_unreadable_file_refused_without_unsafe_retry(content, tmp_path,
     assert 'weights_only=False' not in str(info.value)
     assert len(spy.calls) == 1
     spy.assert_all_weights_only()
-    assert os.environ.get(FORCE_NO_WEIGHTS_ONLY) == '1'  # restored
-    assert FORCE_WEIGHTS_ONLY not in os.environ
+    assert os.environ.get(FORCE_NO_WEIGHTS_ONLY) == '1'  # untouched
 
 
 def test_pickled_class_refused_by_name_and_allowed_on_purpose(tmp_path,
@@ -334,7 +336,7 @@ def test_pickled_class_refused_by_name_and_allowed_on_purpose(tmp_path,
     message = str(info.value)
     assert message.startswith(path) and f'refused {OPAQUE}.' in message
     assert f"safe_globals=['{OPAQUE}']" in message
-    assert f'torch.serialization.add_safe_globals([{OPAQUE}])' in message
+    assert f'torch.serialization.safe_globals([{OPAQUE}])' in message
     assert len(spy.calls) == 1
     spy.assert_all_weights_only()
     # allowed for this file only, by name, still weights-only
@@ -349,78 +351,66 @@ def test_pickled_class_refused_by_name_and_allowed_on_purpose(tmp_path,
             path, safe_globals=['no_such.Thing'])).init_weights()
 
 
-# --------------------------------------------------------------- schemes
-@pytest.fixture
-def served(tmp_path, monkeypatch):
-    """A fake internet: torch.hub downloads copy the files of ``served``
-    (address -> local file) into the cache in ``tmp_path/torch``."""
-    files: Dict[str, str] = {}
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-
-    def download(url, dst, *args, **kwargs):
-        shutil.copy(files[url], dst)
-
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', download)
-    return files
-
-
-def test_https_checkpoint_downloads_and_loads_weights_only(
-        tmp_path, served, monkeypatch):
-    """``https://`` goes through MMEngine's http loader and torch.hub,
-    which passes weights_only=False; the download still loads weights-only
-    (a pickled class is refused) and the tensors land in the model."""
-    url = 'https://example.com/MLLA_T.pth'
-    tensors = mila_imagenet('T')
-    served[url] = save(tmp_path / 'served.pth', {'model': tensors})
+def test_mmengine_checkpoint_classes_allowed_only_during_a_load(
+        tmp_path, monkeypatch):
+    """A checkpoint as MMEngine's runner writes it (the message hub's
+    HistoryBuffer with numpy inside, a MultiStepLR's state, AdamW's state)
+    loads through MMEngine's loader (as ``--resume`` and ``load_from`` do)
+    weights-only; its classes are allowed during that load only: torch's
+    list holds none of them before or after (torch adds classes of its
+    own lazily), and a plain weights-only ``torch.load`` still refuses the
+    file."""
+    from mmengine.logging import HistoryBuffer, MessageHub
+    from mmengine.optim import MultiStepLR
+    ours = set(mmengine_safe_globals())
+    assert HistoryBuffer in ours
+    assert not ours & set(torch.serialization.get_safe_globals())
+    hub = MessageHub.get_instance('checkpoint_classes')
+    for loss in (0.5, 0.25):
+        hub.update_scalar('train/loss', loss)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    scheduler = MultiStepLR(optimizer, milestones=[8, 11], by_epoch=True)
+    path = save(tmp_path / 'epoch_1.pth', {
+        'meta': {'epoch': 1, 'iter': 4, 'dataset_meta': {'classes': ('a', )}},
+        'state_dict': model.state_dict(), 'message_hub': hub.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'param_schedulers': [scheduler.state_dict()]})
     spy = LoadSpy(monkeypatch)
-    model = MILA('tiny', init_cfg=pretrained(url))
-    model.init_weights()
-    assert_loaded(model, tensors)
-    assert spy.calls == [(False, '1')]  # torch.hub's argument, overridden
-    assert osp.isfile(tmp_path / 'torch' / 'hub' / 'checkpoints' /
-                      'MLLA_T.pth')
-    bad = 'https://example.com/with_objects.pth'
-    served[bad] = save(tmp_path / 'bad.pth', {'model': tensors,
-                                              'config': Opaque()})
-    with pytest.raises(CheckpointError, match=f'refused {OPAQUE}'):
-        MILA('tiny', init_cfg=pretrained(bad)).init_weights()
+    loaded = CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    spy.assert_all_weights_only()
+    buffer = loaded['message_hub']['log_scalars']['train/loss']
+    assert isinstance(buffer, HistoryBuffer) and buffer.mean() == 0.375
+    assert loaded['param_schedulers'][0]['milestones'] == {8: 1, 11: 1}
+    assert not ours & set(torch.serialization.get_safe_globals())
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
 
 
-def test_open_mmlab_name_resolves_to_its_url(tmp_path, served):
-    """``open-mmlab://NAME`` is looked up in MMEngine's model list and
-    downloaded like any URL (the file served is a MILA one: what matters
-    is the route)."""
-    from mmengine.runner.checkpoint import get_external_models
-    url = get_external_models()['resnet50_v1c']
-    tensors = mila_imagenet('T')
-    served[url] = save(tmp_path / 'served.pth', {'model': tensors})
-    model = MILA('tiny', init_cfg=pretrained('open-mmlab://resnet50_v1c'))
-    model.init_weights()
-    assert_loaded(model, tensors)
-
-
+# --------------------------------------------------------------- schemes
 @pytest.mark.parametrize('address, scheme', [
     ('torchvision://resnet50', 'torchvision://'),
     ('s3://bucket/MLLA_T.pth', r'(\S+\:)?s3://'),
     ('https://example.com/MLLA_T.pth', 'https://')])
 def test_addresses_reach_their_mmengine_loader(address, scheme, tmp_path,
                                                monkeypatch):
-    """Each scheme reaches the loader MMEngine registered for it, with
-    map_location='cpu' and weights-only loading forced."""
+    """Each scheme reaches the loader registered with MMEngine for it,
+    with map_location='cpu'."""
     tensors = mila_imagenet('T')
     local = save(tmp_path / 'served.pth', {'model': tensors})
     calls = []
 
     def loader(filename: str, map_location: Optional[str] = None):
-        calls.append((filename, map_location,
-                      os.environ.get(FORCE_WEIGHTS_ONLY)))
+        calls.append((filename, map_location))
         return torch.load(local)
 
     assert scheme in CheckpointLoader._schemes
     monkeypatch.setitem(CheckpointLoader._schemes, scheme, loader)
     model = MILA('tiny', init_cfg=pretrained(address))
     model.init_weights()
-    assert calls == [(address, 'cpu', '1')]
+    assert calls == [(address, 'cpu')]
     assert_loaded(model, tensors)
 
 

@@ -5,7 +5,9 @@ _base_ = [
     './_base_/coco_instance_ms_crop.py',
     './_base_/schedule_adamw_1x.py',
 ]
-pretrained = 'data/pretrained/MLLA_T.pth'  # official ImageNet-1K weights
+# Official ImageNet-1K weights (MLLA_T.pth), downloaded once into torch.hub's
+# cache; a copy at data/pretrained/MLLA_T.pth is used instead if present.
+pretrained = 'https://cloud.tsinghua.edu.cn/f/7a19712877cb4242889c/?dl=1'
 
 model = dict(
     backbone=dict(

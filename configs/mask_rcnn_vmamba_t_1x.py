@@ -7,7 +7,10 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     './_base_/schedule_adamw_1x.py',
 ]
-pretrained = 'data/pretrained/vssm1_tiny_0230s_ckpt_epoch_264.pth'
+# Official ImageNet-1K weights, downloaded once into torch.hub's cache; a
+# copy at data/pretrained/<file name> is used instead if present.
+pretrained = ('https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'
+              'vssm1_tiny_0230s_ckpt_epoch_264.pth')
 
 model = dict(
     backbone=dict(

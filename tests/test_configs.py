@@ -7,9 +7,18 @@ from mmengine.config import Config
 
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
+from mila_det.utils.weights import OFFICIAL_FILES
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(osp.join(REPO_ROOT, 'configs', '*.py')))
+# the authors' ImageNet-1K file names (MILA's and VMamba's READMEs)
+IMAGENET_FILES = {
+    'tiny': dict(MILA='MLLA_T.pth',
+                 VMamba='vssm1_tiny_0230s_ckpt_epoch_264.pth'),
+    'small': dict(MILA='MLLA_S.pth',
+                  VMamba='vssm_small_0229_ckpt_epoch_222.pth'),
+    'base': dict(MILA='MLLA_B.pth',
+                 VMamba='vssm_base_0229_ckpt_epoch_237.pth')}
 MS_SHORT_SIDES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 # name: backbone type, arch, drop path, pipeline, epochs, milestones,
@@ -76,7 +85,8 @@ def test_config_resolves_to_published_recipe(name):
     assert tuple(bb.out_indices) == (0, 1, 2, 3)
     assert bb.init_cfg.type == 'Pretrained'
     assert bb.init_cfg.checkpoint == cfg.pretrained
-    assert cfg.pretrained.startswith('data/pretrained/')
+    # the official address of this arch's ImageNet-1K file
+    assert OFFICIAL_FILES.get(cfg.pretrained) == IMAGENET_FILES[arch][bb_type]
     assert cfg.model.neck.in_channels == fpn_in
     assert cfg.model.neck.out_channels == 256 and cfg.model.neck.num_outs == 5
     opt = cfg.optim_wrapper.optimizer

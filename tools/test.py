@@ -3,8 +3,10 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
         [--show-dir DIR] [--tta] [--cfg-options k=v ...] [--launcher ...]
 
-Checkpoints of MMDetection 3.x and the authors' MMDetection 2.x COCO
-releases (same key names for Mask R-CNN) both load.
+CHECKPOINT is a file or an address (``https://...``; downloaded once into
+torch.hub's cache, a copy in data/pretrained/ wins). Checkpoints of
+MMDetection 3.x and the authors' MMDetection 2.x COCO releases (same key
+names for Mask R-CNN) both load, weights only.
 """
 import argparse
 import os
@@ -24,14 +26,14 @@ from mmengine.runner import Runner  # noqa: E402
 import mila_det  # noqa: F401,E402  (registers models, safe loading)
 from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
 from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
-from mila_det.utils.preflight import check_data  # noqa: E402
+from mila_det.utils.preflight import check_inputs  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test (and evaluate) a '
                                      'detector')
     parser.add_argument('config', help='test config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file or address')
     parser.add_argument('--work-dir', help='where evaluation logs go')
     parser.add_argument('--out', help='dump predictions to a .pkl file')
     parser.add_argument('--show', action='store_true',
@@ -66,10 +68,9 @@ def main() -> None:
     # Testing loads the whole detector; the backbone's ImageNet init is moot.
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
         cfg.model.backbone.init_cfg = None
-    try:
-        if not osp.isfile(args.checkpoint):
-            raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-        check_data(cfg, splits=('test_dataloader', ))
+    try:  # an address is downloaded (once, into torch.hub's cache) here
+        check_inputs(cfg, splits=('test_dataloader', ), pretrained=False,
+                     checkpoint=args.checkpoint)
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
 

@@ -24,8 +24,7 @@ import mila_det  # noqa: F401,E402  (registers models, safe loading)
 from mila_det.hooks import TrainingStopped  # noqa: E402
 from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
 from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
-from mila_det.utils.preflight import (  # noqa: E402
-    check_data, check_pretrained)
+from mila_det.utils.preflight import check_inputs  # noqa: E402
 from mila_det.utils.resume import (  # noqa: E402
     ResumeError, find_resume_checkpoint, unreadable_reason)
 
@@ -125,9 +124,7 @@ def main() -> None:
     keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
     cfg = build_config(args)
     try:
-        check_data(cfg)
-        if not cfg.get('resume'):
-            check_pretrained(cfg)
+        check_inputs(cfg, pretrained=not cfg.get('resume'))
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
     try:

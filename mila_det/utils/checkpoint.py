@@ -137,8 +137,9 @@ def mmengine_safe_globals() -> Tuple[SafeGlobal, ...]:
         multiarray = np._core.multiarray
     except AttributeError:  # numpy < 2
         multiarray = np.core.multiarray
-    dtype_classes = sorted({type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDGUSO'},
-                           key=lambda c: c.__name__)
+    dtype_classes = sorted(
+        {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDGUSO'},
+        key=lambda c: c.__name__)
     return (HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct,
             multiarray.scalar, *dtype_classes,
             (_checkpoint_getattr, 'builtins.getattr'))

@@ -15,7 +15,6 @@ lands under its own name.
 import ast
 import logging
 import os
-import os.path as osp
 import pickle
 import re
 from typing import Dict, List, Optional

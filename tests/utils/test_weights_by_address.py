@@ -222,6 +222,24 @@ def test_file_of_another_arch_by_address_is_refused(host, monkeypatch):
     assert 'of another shape' in message and 'strict=False' in message
 
 
+@pytest.mark.parametrize('address, lookup', [
+    ('open-mmlab://resnet50_v1c', 'get_external_models'),
+    ('torchvision://resnet50', 'get_torchvision_models')])
+def test_named_models_resolve_to_an_address_loaded_the_same_way(
+        address, lookup, host, tmp_path, monkeypatch):
+    """``open-mmlab://`` and ``torchvision://`` names go through MMEngine's
+    model lists to an address, then the same cache and weights-only load
+    (the file served is a MILA one: what matters is the route)."""
+    import mmengine.runner.checkpoint as mmengine_checkpoint
+    checkpoint = imagenet_file()
+    url = host.serve('/models/resnet50-0676ba61.pth', checkpoint)
+    name = address.split('://')[1]
+    monkeypatch.setattr(mmengine_checkpoint, lookup, lambda: {name: url})
+    assert_holds(init_from(address), checkpoint)
+    assert host.requests == ['/models/resnet50-0676ba61.pth']
+    assert os.listdir(cache_dir(tmp_path)) == ['resnet50-0676ba61.pth']
+
+
 # ------------------------------------------------------------ pre-flight
 def _job_cfg(url: str, data_root: str) -> Config:
     return Config(dict(

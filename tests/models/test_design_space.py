@@ -12,13 +12,15 @@ import torch.nn.functional as F
 from mila_det.analysis.design_space import (design_space_flop_analyzer,
                                             forget_gate_macs)
 from mila_det.models.backbones.design_space import (
-    DESIGN_ROWS, PUBLISHED, LinearAttentionTransformer, resolve_switches)
-from mila_det.models.layers.design_block import (DesignAttention,
+    DESIGN_ROWS, MILA_DESIGN, PUBLISHED, LinearAttentionTransformer,
+    resolve_switches)
+from mila_det.models.layers.design_block import (LinearAttention,
                                                  global_linear_attention, phi)
 from mila_det.ops import rope_table
 from mila_det.ops.forget_gate import naive_forget_gate_attention
 from mila_det.ops.linear_attention import apply_rope
-from tests.conftest import REPO_ROOT
+from tests.conftest import (REPO_ROOT, official_key_listing,
+                            reference_file, shape_string)
 
 TINY = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 ROWS = list(DESIGN_ROWS)
@@ -155,7 +157,7 @@ def test_global_linear_attention_against_definition(normalize, heads, dk):
 
 def attention(**switches):
     torch.manual_seed(0)
-    attn = DesignAttention(dim=8, num_heads=2, project_v=True,
+    attn = LinearAttention(dim=8, num_heads=2, project_v=True,
                            ape_grid=(3, 5), **switches).double()
     with torch.no_grad():  # non-trivial values for the zero/one inits
         for name, p in attn.named_parameters():
@@ -181,8 +183,13 @@ def split(attn, x, hw):
     dict(pos_encodings=('rope', )),
     dict(pos_encodings=('rope', ), input_gate=True),
     dict(pos_encodings=('rope', ), single_head=True, single_head_dim=4),
+    dict(mean_normaliser=True, eps=0.5),
+    dict(pos_encodings=('rope', ), mean_normaliser=True, eps=0.5),
 ], ids=lambda s: '-'.join(f'{k}' for k in s) or 'baseline')
 def test_attention_switches_against_definition(switches):
+    """Every switch against :func:`definition`; MILA's normaliser
+    ``q . mean(k) + eps`` is the definition's ``q . sum(k) + N eps`` (a
+    large eps so the two forms differ measurably)."""
     attn = attention(**switches)
     hw = (3, 5)
     x = torch.randn(1, 15, 8, dtype=torch.float64)
@@ -192,8 +199,9 @@ def test_attention_switches_against_definition(switches):
     if attn.use_rope:
         table = rope_table(*hw, attn.qk_dim).double()
         q_num, k_num = apply_rope(q, table), apply_rope(k, table)
-    want = definition(q, k, v, attn.heads, attn.normalize, q_num, k_num,
-                      v_num)
+    eps = attn.eps * 15 if attn.mean_normaliser else attn.eps
+    want = definition(q, k, v, attn.num_heads, attn.normalize, q_num, k_num,
+                      v_num, eps=eps)
     if attn.D is not None:
         want = want + attn.D * v
     if attn.lepe is not None:
@@ -223,6 +231,7 @@ def test_rope_row_uses_mila_operator_with_the_same_normaliser():
     dict(input_gate=True, shortcut=True),
     dict(pos_encodings=('rope', )),
     dict(single_head=True, single_head_dim=4, pos_encodings=('rope', )),
+    dict(mean_normaliser=True, eps=0.5),
 ], ids=lambda s: '-'.join(s) or 'plain')
 def test_forget_gate_against_naive_scan(switches):
     attn = attention(forget_gate=True, **switches)
@@ -237,16 +246,17 @@ def test_forget_gate_against_naive_scan(switches):
             table = rope_table(*hw, attn.qk_dim).double()
             num = naive_forget_gate_attention(
                 apply_rope(q, table), apply_rope(k, table), v_num, delta, A,
-                attn.heads, normalize=False)
-            dk = attn.qk_dim // attn.heads
-            den = (q.view(1, 15, attn.heads, dk) * k.view(
-                1, 15, attn.heads, dk).cumsum(1)).sum(-1) + attn.eps
-            want = (num.view(1, 15, attn.heads, -1) / den[..., None]).view(
+                attn.num_heads, normalize=False)
+            dk = attn.qk_dim // attn.num_heads
+            den = (q.view(1, 15, attn.num_heads, dk) * k.view(
+                1, 15, attn.num_heads, dk).cumsum(1)).sum(-1) + attn.eps
+            want = (num.view(1, 15, attn.num_heads, -1) / den[..., None]).view(
                 1, 15, 8)
         else:
+            eps = attn.eps * 15 if attn.mean_normaliser else attn.eps
             want = naive_forget_gate_attention(
-                q, k, v_num, delta, A, attn.heads, normalize=attn.normalize,
-                scale_input=attn.scale_input)
+                q, k, v_num, delta, A, attn.num_heads, eps=eps,
+                normalize=attn.normalize, scale_input=attn.scale_input)
             if not attn.normalize:
                 want = want / 15
         if attn.D is not None:
@@ -256,7 +266,7 @@ def test_forget_gate_against_naive_scan(switches):
 
 
 def test_forget_gate_scan_is_counted_analytically():
-    attn = DesignAttention(dim=12, num_heads=3, project_v=True,
+    attn = LinearAttention(dim=12, num_heads=3, project_v=True,
                            forget_gate=True).eval()
     x = torch.randn(1, 20, 12)
     with torch.no_grad():
@@ -288,6 +298,9 @@ def test_design_kwargs_override_the_row():
     (dict(scale_input=True), ['scale_input', 'forget_gate']),
     (dict(single_head=True, single_head_dim=30, pos_encodings=('rope', )),
      ['single_head', 'rope']),
+    (dict(stem='swin'), ['stem']),
+    (dict(downsample='pool'), ['downsample']),
+    (dict(mean_normaliser=1), ['mean_normaliser']),
 ])
 def test_bad_switches_raise_errors_naming_them(kwargs, words):
     with pytest.raises(ValueError) as err:
@@ -305,6 +318,101 @@ def test_bad_arch_errors():
         LinearAttentionTransformer(arch=dict(embed_dims=6, depths=(1, ),
                                              num_heads=(1, )),
                                    out_indices=(0, ), pos_encodings=('rope', ))
+
+
+# MILA as a point of the space, every setting spelled out: the 'sub' block
+# with CPE, LePE and RoPE, the normaliser of the authors' code, MILA's
+# convolutional stem and downsampling.
+MILA_POINT = dict(block='sub', pos_encodings=('cpe', 'lepe', 'rope'),
+                  mean_normaliser=True, stem='conv', downsample='conv')
+
+
+def test_mila_backbone_is_the_mila_point():
+    """``MILA`` is the design-space backbone at MILA's point: the same
+    state-dict layout, and the same outputs from the same weights."""
+    from mila_det.models.backbones import MILA
+    assert dict(MILA_DESIGN, pos_encodings=set(MILA_DESIGN['pos_encodings'])
+                ) == dict(MILA_POINT, pos_encodings={'cpe', 'lepe', 'rope'})
+    mila = MILA(arch=TINY, drop_path_rate=0.0).eval()
+    point = tiny(None, **MILA_POINT).eval()
+    point.load_state_dict(mila.state_dict(), strict=True)
+    x = torch.randn(1, 3, 37, 50)
+    with torch.no_grad():
+        for a, b in zip(mila(x), point(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mila_fixtures_through_the_design_space_backbone(tmp_path):
+    """The official MILA outputs of tests/data/reference/mila_mini.pt (a
+    small random model of the authors' code), from the design-space
+    backbone at MILA's point: the official state dict, saved as the
+    official files are (with a classifier, its final norm and the RoPE
+    tables), loads strictly through ``init_cfg`` and every case matches at
+    the MILA fixture's tolerance."""
+    ref = torch.load(reference_file('mila_mini.pt'), weights_only=False)
+    arch = ref['arch']
+    state = dict(ref['state_dict'])
+    for key in ref['state_dict']:  # the tables the official blocks hold
+        if key.endswith('attn.qk.weight'):
+            c = state[key].shape[1]
+            state[key.replace('qk.weight', 'rope.rotations')] = torch.zeros(
+                56 // c, 56 // c, c // 2, 2)
+    width = arch['embed_dim'] * 8
+    state.update({'norm.weight': torch.ones(width),
+                  'norm.bias': torch.zeros(width),
+                  'head.weight': torch.zeros(10, width),
+                  'head.bias': torch.zeros(10)})
+    path = tmp_path / 'mila_mini.pth'
+    torch.save({'model': state}, path)
+    model = LinearAttentionTransformer(
+        arch=dict(embed_dims=arch['embed_dim'], depths=arch['depths'],
+                  num_heads=arch['num_heads']),
+        drop_path_rate=0.0, **MILA_POINT,
+        init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    assert type(model) is LinearAttentionTransformer
+    model.init_weights()
+    model.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ref['state_dict'][key]), key
+    assert len(ref['cases']) == 3
+    with torch.no_grad():
+        for case in ref['cases']:
+            outs = model(case['input'])
+            assert len(outs) == len(case['outputs']) == 4
+            for got, want in zip(outs, case['outputs']):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_mila_t_point_has_the_official_keys():
+    """At MILA-T's widths the MILA point has every tensor of the official
+    MILA-T detection checkpoint (but the derived RoPE tables) with its
+    shape, and nothing else (built on the meta device)."""
+    title, = [t for t in official_key_listing('mila_official_keys.txt')
+              if t.startswith('MILA-T official detection')]
+    listing = {k: v for k, v in
+               official_key_listing('mila_official_keys.txt')[title].items()
+               if not k.endswith('rope.rotations')}
+    with torch.device('meta'):
+        model = LinearAttentionTransformer(
+            arch=dict(embed_dims=64, depths=(2, 4, 8, 4),
+                      num_heads=(2, 4, 8, 16)), **MILA_POINT)
+    ours = {k: shape_string(v) for k, v in model.state_dict().items()}
+    assert ours == listing
+
+
+@pytest.mark.parametrize('stem,downsample', [('conv', 'merge'),
+                                             ('patch', 'conv')])
+def test_mixed_macro_designs(stem, downsample):
+    """Either stem with either downsampling: shapes at an odd size and a
+    gradient for every parameter."""
+    model = tiny('rope', stem=stem, downsample=downsample).train()
+    outs = model(torch.randn(1, 3, 37, 50))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 16, 10, 13), (1, 32, 5, 7), (1, 64, 3, 4), (1, 128, 2, 2)]
+    sum(o.square().mean() for o in outs).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
 
 
 DS_CONFIGS = sorted(

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, MLLA
-from mila_det.models.backbones.mila import ConvLayer
-from mila_det.models.layers import TokenLinear, dwconv_tokens
+from mila_det.models.layers import ConvLayer, TokenLinear, dwconv_tokens
 from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)

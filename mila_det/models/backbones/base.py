@@ -1,14 +1,23 @@
-"""What MILA and VMamba share as MMDetection backbones: stage indices,
-freezing, and initialisation from an official checkpoint."""
+"""The skeleton of every backbone here (MILA, VMamba and the design
+space's LinearAttentionTransformer), as mmpretrain's and MMDetection's
+backbones are built: a stem ``patch_embed``, stages ``layers[i]`` (blocks,
+then the stage's own downsampling), an output norm per returned stage,
+stage indices, freezing, random init and initialisation from an official
+checkpoint."""
 import re
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import (Dict, Iterable, List, Optional, Sequence, Tuple,
+                    Union)
 
+import torch
 import torch.nn as nn
+import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
-from torch.nn.modules.batchnorm import _BatchNorm
 from mmengine.model.weight_init import trunc_normal_
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mila_det.utils.checkpoint import load_pretrained
+from ..layers import LayerNorm2d
 
 
 def init_linear_and_norms(module: nn.Module) -> None:
@@ -25,14 +34,66 @@ def init_linear_and_norms(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def run_blocks(blocks: Iterable[nn.Module], x: Tensor, *args,
+               with_cp: bool = False) -> Tensor:
+    """``x`` through each block in turn, ``x = block(x, *args)``; with
+    ``with_cp``, each block under gradient checkpointing where ``x`` needs a
+    gradient (its activations recomputed in the backward)."""
+    for block in blocks:
+        if with_cp and x.requires_grad:
+            x = cp.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
+
+
+class Stage(nn.Module):
+    """One stage on channels-last NCHW maps: ``blocks`` on the map's tokens
+    ``[B, H, W, C]`` (a view of its memory), then ``downsample`` if any.
+
+    Subclasses whose blocks take other token layouts override
+    :meth:`run_blocks`.
+
+    Args:
+        blocks (Iterable[nn.Module]): The blocks, stored as ``blocks``.
+        downsample (nn.Module, optional): Map to map, e.g. stride 2.
+            Defaults to None.
+        with_cp (bool): Gradient checkpointing of each block.
+            Defaults to False.
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module],
+                 downsample: Optional[nn.Module] = None,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def run_blocks(self, tokens: Tensor) -> Tensor:
+        """``tokens: [B, H, W, C]`` -> ``[B, H, W, C]``."""
+        return run_blocks(self.blocks, tokens, with_cp=self.with_cp)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``x: [B, C, H, W]`` -> (stage output ``[B, C, H, W]``, input of
+        the next stage)."""
+        out = self.run_blocks(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        nxt = self.downsample(out) if self.downsample is not None else out
+        return out, nxt
+
+
 class StageBackbone(BaseModule):
-    """Base of four-stage backbones with a stem ``patch_embed``, stages
-    ``layers[i]`` (each holding its own downsample) and output norms named
-    ``{norm_prefix}{i}``.
+    """Base of the four-stage backbones: a stem ``patch_embed`` (image to
+    map), stages ``layers[i]`` (:class:`Stage`: map to (output, next
+    input)) and output norms ``{norm_prefix}{i}`` (LayerNorm over
+    channels) for the stages in ``out_indices``.
 
     Subclasses set ``arch_zoo`` (named settings) and ``arch_keys`` (what a
     custom arch dict must hold), ``ignored_keys`` (checkpoint keys unused by
-    design) and ``norm_prefix``, and implement ``_reset_parameters``.
+    design) and ``norm_prefix``; their constructors call
+    :meth:`_check_stages`, build ``patch_embed`` and ``layers``, then
+    :meth:`_finish`. Modules whose parameters the generic init does not
+    cover define ``reset_extra_parameters``.
     """
     arch_zoo: Dict[str, dict] = {}
     arch_keys: Tuple[str, ...] = ()
@@ -64,8 +125,53 @@ class StageBackbone(BaseModule):
                              f'in -1..{num_stages}')
         return tuple(indices)
 
+    @staticmethod
+    def drop_path_rates(depths: Sequence[int],
+                        rate: float) -> List[List[float]]:
+        """Stochastic depth growing linearly from 0 to ``rate`` over all
+        blocks, split per stage."""
+        # Numbers, not tensors: on the CPU whatever device builds the model.
+        dpr = torch.linspace(0, rate, sum(depths), device='cpu').tolist()
+        return [dpr[sum(depths[:i]):sum(depths[:i + 1])]
+                for i in range(len(depths))]
+
+    def _finish(self) -> None:
+        """Add the output norms, initialise, freeze (the end of every
+        constructor)."""
+        for i in self.out_indices:
+            self.add_module(f'{self.norm_prefix}{i}',
+                            LayerNorm2d(self.num_features[i]))
+        self._reset_parameters()
+        self._freeze_stages()
+
     def _reset_parameters(self) -> None:
-        raise NotImplementedError
+        """Random init: PyTorch's default for convolutions and batch norms,
+        then trunc-normal(0.02) linears and unit LayerNorms
+        (:func:`init_linear_and_norms`), then every module's
+        ``reset_extra_parameters`` (Mamba's step and decays, ``D``, APE)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, _BatchNorm, nn.GroupNorm)):
+                m.reset_parameters()
+        init_linear_and_norms(self)
+        for m in self.modules():
+            if hasattr(m, 'reset_extra_parameters'):
+                m.reset_extra_parameters()
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """``x: [B, in_channels, H, W]`` (any H, W) -> one ``[B, C_i, H_i,
+        W_i]`` map per index in ``out_indices``; ``H_0 = ceil(H / 4)``,
+        halving (rounded up) at each later stage."""
+        self._check_input(x)
+        # Channels-last maps are token-major: stages read and write them as
+        # tokens without copies, and the convs run faster on them.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        outs = []
+        for i, layer in enumerate(self.layers):
+            out, x = layer(x)
+            if i in self.out_indices:
+                norm = getattr(self, f'{self.norm_prefix}{i}')
+                outs.append(norm(out).contiguous())
+        return tuple(outs)
 
     @property
     def optional_keys(self) -> Tuple[str, ...]:

@@ -10,23 +10,27 @@ rows (plus one combination), and :data:`PUBLISHED` holds the paper's
 figures for them. Where the paper leaves a detail open, the reading taken
 here is stated in docs/design_space.md, which also compares the counts.
 
-Like the other backbones, any input size works: the patch embedding pads
-to a multiple of 4 and patch merging pads odd grids.
+MILA is a point of this space: :data:`MILA_DESIGN` (the ``'sub'`` block
+with CPE, LePE and RoPE, MILA's normaliser, MILA's convolutional stem and
+downsampling) at MILA's widths loads MILA's official checkpoints, and the
+``MILA`` backbone is that preset.
+
+Like the other backbones, any input size works: the stems pad to a
+multiple of 4 and the downsampling layers pad odd grids.
 """
 import copy
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS
 from torch import Tensor
 
 from mila_det.ops import rope_table
 from ..layers.design_block import BLOCK_DESIGNS, POS_ENCODINGS, DesignBlock
-from .base import StageBackbone, init_linear_and_norms
+from ..layers.embed import (ConvDownsample, ConvStem, PatchEmbed,
+                            PatchMerging2x2)
+from .base import Stage, StageBackbone, run_blocks
 
 # Row name -> the switches that differ from the baseline. Table 1 and
 # Table 2 rows, then combinations that are in neither table.
@@ -48,6 +52,24 @@ DESIGN_ROWS: Dict[str, dict] = {
     'mila_like_forget_gate': dict(block='sub', forget_gate=True,
                                   pos_encodings=('cpe', 'lepe', 'rope')),
 }
+
+# MILA in the design space's terms: its block and encodings, the normaliser
+# of the authors' code (q . mean(k) + eps), its stem and downsampling. With
+# MILA's widths (e.g. embed_dims=64, depths=(2, 4, 8, 4), num_heads=(2, 4,
+# 8, 16) for MILA-T) it loads MILA's official checkpoints.
+MILA_DESIGN: Dict[str, object] = dict(
+    block='sub', pos_encodings=('lepe', 'cpe', 'rope'), mean_normaliser=True,
+    stem='conv', downsample='conv')
+
+# Tensors of classification checkpoints (MILA's official ImageNet files
+# among them) that a detection backbone does not use: the classifier and its
+# final norm, and RoPE tables (derived from the grid size, rebuilt here for
+# the real input size).
+CLASSIFIER_KEYS = (r'head\..*', r'norm\.(weight|bias)',
+                   r'layers\.\d+\.blocks\.\d+\.attn\.rope\.rotations')
+
+STEMS = ('patch', 'conv')
+DOWNSAMPLES = ('merge', 'conv')
 
 # Row name -> (params M, GFLOPs, throughput img/s, ImageNet top-1) as the
 # paper prints them (Table 1 and Table 2, 224x224).
@@ -127,99 +149,47 @@ def resolve_switches(design: Optional[str] = None, **given) -> dict:
     return sw
 
 
-class PatchEmbed(nn.Module):
-    """Swin's patch embedding: a 4x4 stride-4 conv and a LayerNorm,
-    ``[B, 3, H, W] -> [B, N, C]`` on the grid ``(ceil(H/4), ceil(W/4))``
-    (the image is zero-padded at the right and bottom)."""
-
-    def __init__(self, in_channels: int, embed_dims: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dims, 4, 4)
-        self.norm = nn.LayerNorm(embed_dims)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        h, w = x.shape[-2:]
-        if h % 4 or w % 4:
-            x = F.pad(x, (0, -w % 4, 0, -h % 4))
-        x = self.proj(x)
-        hw = tuple(x.shape[-2:])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw
-
-
-class PatchMerging(nn.Module):
-    """Swin's patch merging: each 2x2 neighbourhood concatenated (odd grids
-    padded), LayerNorm(4C), Linear(4C -> 2C, no bias).
-    ``[B, H*W, C] -> [B, ceil(H/2)*ceil(W/2), 2C]``."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-
-    def forward(self, x: Tensor, hw: Tuple[int, int]
-                ) -> Tuple[Tensor, Tuple[int, int]]:
-        b, _, c = x.shape
-        h, w = hw
-        x = x.view(b, h, w, c)
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2],
-                       x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        hw = tuple(x.shape[1:3])
-        return self.reduction(self.norm(x.flatten(1, 2))), hw
-
-
-class DesignStage(nn.Module):
-    """One stage: ``depth`` :class:`DesignBlock` s, then an optional
-    :class:`PatchMerging`.
+class AttentionStage(Stage):
+    """A stage of :class:`~..layers.DesignBlock` s (MILA's blocks
+    included): the blocks see the map as tokens ``[B, H*W, C]`` with the
+    grid and the stage's RoPE table (one per grid size, shared by the
+    blocks).
 
     Args:
-        dim (int): Token width.
-        depth (int): Number of blocks.
-        drop_paths (Sequence[float]): Stochastic depth of each block.
-        downsample (bool): Whether patch merging follows.
+        blocks (Iterable[nn.Module]): The blocks.
+        downsample (nn.Module, optional): The downsampling after them.
         with_cp (bool): Gradient checkpointing of each block.
         rope_width (int): q/k width the stage's RoPE table is built for;
             0 without RoPE.
-        **block_kwargs: Passed to every :class:`DesignBlock`.
     """
 
-    def __init__(self, dim: int, depth: int, drop_paths: Sequence[float],
-                 downsample: bool, with_cp: bool, rope_width: int,
-                 **block_kwargs) -> None:
-        super().__init__()
-        self.with_cp = with_cp
+    def __init__(self, blocks, downsample: Optional[nn.Module],
+                 with_cp: bool, rope_width: int) -> None:
+        super().__init__(blocks, downsample, with_cp)
         self.rope_width = rope_width
-        self.blocks = nn.ModuleList([
-            DesignBlock(dim, drop_path=drop_paths[i], **block_kwargs)
-            for i in range(depth)
-        ])
-        self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: Tensor, hw: Tuple[int, int]):
-        """``x: [B, H*W, C]`` -> (stage output ``[B, H*W, C]``, next
-        stage's tokens, their grid)."""
-        rope = (rope_table(hw[0], hw[1], self.rope_width, x.device)
+    def run_blocks(self, tokens: Tensor) -> Tensor:
+        """``tokens: [B, H, W, C]`` -> ``[B, H, W, C]``."""
+        b, h, w, c = tokens.shape
+        rope = (rope_table(h, w, self.rope_width, tokens.device)
                 if self.rope_width else None)
-        for block in self.blocks:
-            if self.with_cp and x.requires_grad:
-                x = cp.checkpoint(block, x, hw, rope, use_reentrant=False)
-            else:
-                x = block(x, hw, rope)
-        if self.downsample is None:
-            return x, x, hw
-        nxt, next_hw = self.downsample(x, hw)
-        return x, nxt, next_hw
+        # Views of the map's channels-last memory, in and out.
+        out = run_blocks(self.blocks, tokens.reshape(b, h * w, c), (h, w),
+                         rope, with_cp=self.with_cp)
+        return out.view(b, h, w, c)
 
 
 @MODELS.register_module()
 class LinearAttentionTransformer(StageBackbone):
-    """The design space's backbone: a Swin-T-shaped linear-attention
-    Transformer with Mamba's designs and positional encodings as switches.
-    Returns NCHW maps at strides 4/8/16/32.
+    """The design space's backbone: a linear-attention Transformer with
+    Mamba's designs and positional encodings as switches, on Swin-T's macro
+    design (patch embedding, patch merging) or MILA's (convolutional stem and
+    downsampling). Returns NCHW maps at strides 4/8/16/32.
 
     Every switch left at None takes the value of the row ``design`` of
     :data:`DESIGN_ROWS`, else the baseline's (shown in brackets).
+    ``LinearAttentionTransformer(arch=<MILA's widths>, **MILA_DESIGN)`` is
+    MILA and loads its official checkpoints.
 
     Args:
         arch (str | dict): ``'t'``/``'tiny'`` (Swin-T: 96 wide, depths
@@ -244,6 +214,15 @@ class LinearAttentionTransformer(StageBackbone):
             whole block) ['transformer'].
         pos_encodings (Sequence[str], optional): Any of ``'ape'``,
             ``'lepe'``, ``'cpe'``, ``'rope'`` [()].
+        mean_normaliser (bool): Add the normaliser's ``eps`` to
+            ``q . mean(k)`` as MILA's authors do, rather than to
+            ``q . sum(k)``. Defaults to False.
+        stem (str): ``'patch'`` (Swin's 4x4 patch embedding and LayerNorm)
+            or ``'conv'`` (MILA's convolutional stem). Defaults to
+            ``'patch'``.
+        downsample (str): ``'merge'`` (Swin's 2x2 patch merging) or
+            ``'conv'`` (MILA's 1x1 / depthwise 3x3 stride 2 / 1x1).
+            Defaults to ``'merge'``.
         in_channels (int): Image channels. Defaults to 3.
         mlp_ratio (float): MLP hidden width over the token width.
             Defaults to 4.
@@ -254,16 +233,23 @@ class LinearAttentionTransformer(StageBackbone):
             (resized bicubically to other grids). Defaults to 224.
         out_indices (Sequence[int]): Stages whose (normalised) outputs are
             returned. Defaults to (0, 1, 2, 3).
-        frozen_stages (int): -1 freezes nothing; 0 the patch embedding; i >= 1
-            also stages 0..i-1 (with their patch merging) and their output
-            norms. Defaults to -1.
+        frozen_stages (int): -1 freezes nothing; 0 the stem; i >= 1 also
+            stages 0..i-1 (with their downsampling) and their output norms.
+            Defaults to -1.
         with_cp (bool): Gradient checkpointing in every block.
             Defaults to False.
+        norm_cfg (dict): Norm of the convolutional stem's and downsampling's
+            convolutions (``dict(type='SyncBN')`` for synchronised
+            statistics). Defaults to ``dict(type='BN')``.
+        norm_eval (bool): Keep those norms in eval mode while training.
+            Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained',
-            checkpoint=...)`` loads your own weights of the same design.
-            Defaults to None (random init: trunc-normal linears, Mamba's
-            ``Delta``, ``A`` and ``D`` initialisation, zero APE).
+            checkpoint=...)`` loads weights of the same design (MILA's
+            official files for :data:`MILA_DESIGN`). Defaults to None
+            (random init: trunc-normal linears, Mamba's ``Delta``, ``A`` and
+            ``D`` initialisation, zero APE).
     """
+    ignored_keys = CLASSIFIER_KEYS
     arch_keys = ('embed_dims', 'depths', 'num_heads')
     arch_zoo: Dict[str, dict] = dict.fromkeys(
         ['t', 'tiny'], dict(embed_dims=96, depths=(2, 2, 6, 2),
@@ -281,6 +267,9 @@ class LinearAttentionTransformer(StageBackbone):
                  single_head_dim: Optional[int] = None,
                  block: Optional[str] = None,
                  pos_encodings: Optional[Sequence[str]] = None,
+                 mean_normaliser: bool = False,
+                 stem: str = 'patch',
+                 downsample: str = 'merge',
                  in_channels: int = 3,
                  mlp_ratio: float = 4.0,
                  qkv_bias: bool = True,
@@ -289,6 +278,8 @@ class LinearAttentionTransformer(StageBackbone):
                  out_indices: Sequence[int] = (0, 1, 2, 3),
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN'),
+                 norm_eval: bool = True,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=copy.deepcopy(init_cfg))
         name = type(self).__name__
@@ -297,9 +288,19 @@ class LinearAttentionTransformer(StageBackbone):
             scale_input=scale_input, shortcut=shortcut, normalize=normalize,
             single_head=single_head, single_head_dim=single_head_dim,
             block=block, pos_encodings=pos_encodings)
+        if stem not in STEMS:
+            raise ValueError(f'{name}: stem must be one of {STEMS}, got '
+                             f'{stem!r}')
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f'{name}: downsample must be one of '
+                             f'{DOWNSAMPLES}, got {downsample!r}')
+        if not isinstance(mean_normaliser, bool):
+            raise ValueError(f'{name}: mean_normaliser must be True or '
+                             f'False, got {mean_normaliser!r}')
         self.design = design
         self.arch_settings = self._parse_arch(arch)
         self.in_channels = in_channels
+        self.norm_eval = norm_eval
         embed_dims = self.arch_settings['embed_dims']
         depths = list(self.arch_settings['depths'])
         num_heads = list(self.arch_settings['num_heads'])
@@ -325,50 +326,31 @@ class LinearAttentionTransformer(StageBackbone):
                 raise ValueError(f'{name}: pos_encodings "rope" needs an '
                                  f'attention width divisible by 4, got '
                                  f'{inner * dim} at stage {i}')
-        self.patch_embed = PatchEmbed(in_channels, embed_dims)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        if stem == 'patch':
+            self.patch_embed = PatchEmbed(in_channels, embed_dims)
+        else:
+            self.patch_embed = ConvStem(in_channels, embed_dims, norm_cfg)
+        dprs = self.drop_path_rates(depths, drop_path_rate)
         grid = math.ceil(pretrain_img_size / 4)
         self.layers = nn.ModuleList()
-        for i in range(num_stages):
-            start = sum(depths[:i])
-            dim = self.num_features[i]
+        for i, dim in enumerate(self.num_features):
             rope_width = 0
             if 'rope' in pes:
                 rope_width = (sw['single_head_dim'] if sw['single_head']
                               else inner * dim)
-            self.layers.append(DesignStage(
-                dim, depths[i], dpr[start:start + depths[i]],
-                downsample=i < num_stages - 1, with_cp=with_cp,
-                rope_width=rope_width, num_heads=num_heads[i],
-                block=block_design, mlp_ratio=mlp_ratio,
-                pos_encodings=pes, ape_grid=(grid, grid),
-                qkv_bias=qkv_bias, **sw))
+            blocks = [
+                DesignBlock(dim, num_heads[i], block=block_design,
+                            mlp_ratio=mlp_ratio, drop_path=dprs[i][j],
+                            pos_encodings=pes, ape_grid=(grid, grid),
+                            qkv_bias=qkv_bias,
+                            mean_normaliser=mean_normaliser, **sw)
+                for j in range(depths[i])
+            ]
+            down = None
+            if i < num_stages - 1:
+                down = (PatchMerging2x2(dim) if downsample == 'merge' else
+                        ConvDownsample(dim, norm_cfg=norm_cfg))
+            self.layers.append(AttentionStage(blocks, down, with_cp,
+                                              rope_width))
             grid = math.ceil(grid / 2)
-        for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
-        self._reset_parameters()
-        self._freeze_stages()
-
-    def _reset_parameters(self) -> None:
-        init_linear_and_norms(self)
-        for m in self.modules():
-            if hasattr(m, 'reset_design_parameters'):
-                m.reset_design_parameters()
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """``x: [B, 3, H, W]`` (any H, W) -> one ``[B, C_i, H_i, W_i]`` map per
-        index in ``out_indices``; ``H_0 = ceil(H / 4)``, halving (rounded up)
-        at each later stage."""
-        self._check_input(x)
-        b = x.shape[0]
-        x, hw = self.patch_embed(x)
-        outs = []
-        for i, layer in enumerate(self.layers):
-            out, x, next_hw = layer(x, hw)
-            if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(out)
-                outs.append(out.view(b, hw[0], hw[1], out.shape[-1])
-                            .permute(0, 3, 1, 2)
-                            .contiguous())
-            hw = next_hw
-        return tuple(outs)
+        self._finish()

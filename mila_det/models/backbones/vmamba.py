@@ -8,52 +8,16 @@ its siblings load as released. No CUDA extension is needed: the scan runs as
 Triton kernels on CUDA and as a chunked PyTorch scan elsewhere.
 """
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
-import torch.utils.checkpoint as cp
 from mmdet.registry import MODELS
-from torch import Tensor
 
 from ..layers import LayerNorm2d, VSSBlock
-from .base import StageBackbone, init_linear_and_norms
+from .base import Stage, StageBackbone
 
 # Official ImageNet tensors a detection backbone does not use.
 VMAMBA_IGNORED_KEYS = (r'classifier\..*', )
-
-
-class VMambaLayer(nn.Module):
-    """One stage: ``blocks`` (VSS blocks) then ``downsample`` (a stride-2
-    3x3 conv and LayerNorm2d, or Identity in the last stage)."""
-
-    def __init__(self, dim: int, depth: int, drop_paths: Sequence[float],
-                 downsample: bool, with_cp: bool, **block_args) -> None:
-        super().__init__()
-        self.with_cp = with_cp
-        self.blocks = nn.Sequential(*[
-            VSSBlock(dim, drop_path=drop_paths[i], **block_args)
-            for i in range(depth)
-        ])
-        if downsample:
-            self.downsample = nn.Sequential(
-                nn.Identity(), nn.Conv2d(dim, 2 * dim, 3, 2, 1), nn.Identity(),
-                LayerNorm2d(2 * dim))
-        else:
-            self.downsample = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``x: [B, C, H, W]`` -> (stage output, next stage's input). The
-        blocks see the map as tokens ``[B, H, W, C]`` (a view of its
-        channels-last memory)."""
-        tokens = x.permute(0, 2, 3, 1)
-        for block in self.blocks:
-            if self.with_cp and tokens.requires_grad:
-                tokens = cp.checkpoint(block, tokens, use_reentrant=False)
-            else:
-                tokens = block(tokens)
-        x = tokens.permute(0, 3, 1, 2)
-        return x, self.downsample(x)
 
 
 @MODELS.register_module()
@@ -138,42 +102,23 @@ class VMamba(StageBackbone):
             LayerNorm2d(stem), nn.Identity(), nn.GELU(),
             nn.Conv2d(stem, dims[0], 3, 2, 1), nn.Identity(),
             LayerNorm2d(dims[0]))
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dprs = self.drop_path_rates(depths, drop_path_rate)
         self.layers = nn.ModuleList()
         for i in range(num_stages):
-            start = sum(depths[:i])
-            self.layers.append(VMambaLayer(
-                dims[i], depths[i], dpr[start:start + depths[i]],
-                downsample=i < num_stages - 1, with_cp=with_cp,
-                d_state=int(settings['d_state']),
-                ssm_ratio=float(settings['ssm_ratio']), dt_rank=dt_rank,
-                mlp_ratio=mlp_ratio))
-        for i in self.out_indices:
-            self.add_module(f'outnorm{i}', LayerNorm2d(dims[i]))
-        init_linear_and_norms(self)
-        self._freeze_stages()
-
-    def _reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.reset_parameters()
-            elif hasattr(m, 'reset_ssm_parameters'):
-                m.reset_ssm_parameters()
-        init_linear_and_norms(self)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """``x: [B, 3, H, W]`` -> one map per ``out_indices``, stage i at
-        ``ceil(H / 2^(i+2)) x ceil(W / 2^(i+2))``."""
-        self._check_input(x)
-        # Channels-last memory (the layout stays NCHW): LayerNorm2d, the 1x1
-        # and depthwise convs and the token-major scan then need no copies.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        outs = []
-        for i, layer in enumerate(self.layers):
-            out, x = layer(x)
-            if i in self.out_indices:
-                outs.append(getattr(self, f'outnorm{i}')(out).contiguous())
-        return tuple(outs)
+            blocks = [
+                VSSBlock(dims[i], d_state=int(settings['d_state']),
+                         ssm_ratio=float(settings['ssm_ratio']),
+                         dt_rank=dt_rank, mlp_ratio=mlp_ratio,
+                         drop_path=dprs[i][j]) for j in range(depths[i])
+            ]
+            # The official layout: a stride-2 3x3 conv and LayerNorm2d at
+            # indices 1 and 3 of a Sequential.
+            downsample = nn.Sequential(
+                nn.Identity(), nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1),
+                nn.Identity(), LayerNorm2d(dims[i + 1])) \
+                if i < num_stages - 1 else None
+            self.layers.append(Stage(blocks, downsample, with_cp))
+        self._finish()
 
 
 @MODELS.register_module()

@@ -1,11 +1,13 @@
-"""Layers both backbones use: the token projection, the MLP, LayerNorm on
-channel-first maps and depthwise convolutions on tokens.
+"""Layers the backbones share: the token projection, the MLP, LayerNorm on
+channel-first maps, depthwise convolutions on tokens, and Mamba's
+initialisation of the step projection and the decay rates.
 
 Tokens are ``[..., C]`` with C innermost: MILA's ``[B, N, C]`` and VMamba's
 ``[B, H, W, C]`` (the channels-last memory of its NCHW maps, viewed). Every
 layer computes the plain PyTorch composition unless the CPU switch of
 :mod:`.fused` gives it a faster route to the same numbers.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -144,3 +146,38 @@ def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
     y = conv2d_act(x_map, weight, conv.bias, act, conv.stride, conv.padding,
                    conv.groups)
     return y.permute(0, 2, 3, 1).reshape(b, n, c)
+
+
+@torch.no_grad()
+def init_mamba_step(weight: Tensor, bias: Tensor, rank: int,
+                    dt_min: float = 1e-3, dt_max: float = 0.1,
+                    dt_floor: float = 1e-4) -> None:
+    """Mamba's initialisation of the step projection ``Delta = softplus(W r
+    + b)`` (Gu and Dao, "Mamba", 2023; VMamba keeps it): ``W`` uniform in
+    ``+-rank^-0.5``, ``b`` the inverse softplus of a step drawn log-uniformly
+    in ``[dt_min, dt_max]`` (at least ``dt_floor``), one per element of
+    ``b``.
+
+    Args:
+        weight (Tensor): ``W``, any shape; set in place.
+        bias (Tensor): ``b``, any shape; set in place.
+        rank (int): Width of the low-rank input ``r`` (``dt_rank``).
+        dt_min (float): Smallest initial step. Defaults to 1e-3.
+        dt_max (float): Largest initial step. Defaults to 0.1.
+        dt_floor (float): Lower clamp of the drawn steps. Defaults to 1e-4.
+    """
+    std = rank**-0.5
+    nn.init.uniform_(weight, -std, std)
+    dt = torch.exp(torch.rand(bias.shape) *
+                   (math.log(dt_max) - math.log(dt_min)) +
+                   math.log(dt_min)).clamp(min=dt_floor)
+    bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+@torch.no_grad()
+def init_mamba_decay(A_log: Tensor) -> None:
+    """Mamba's decay rates ``A = -exp(A_log) = -[1, 2, ..., N]`` for every
+    channel: ``A_log: [..., N]`` set in place to ``log(1..N)``."""
+    d_state = A_log.shape[-1]
+    A_log.copy_(torch.arange(1, d_state + 1, dtype=torch.float32).log()
+                .expand_as(A_log))

@@ -1,16 +1,22 @@
-"""Token mixers and blocks of the MILA paper's linear-attention design space.
+"""The linear attention and the blocks of the MILA paper's design space,
+MILA's own block among them.
 
 "Demystify Mamba in Vision: A Linear Attention Perspective" (Han et al.,
 NeurIPS 2024), Tables 1 and 2: a Swin-T-shaped Transformer with global
 multi-head linear attention, to which Mamba's six designs (input gate,
 forget gate, shortcut, no normalisation, single head, block design) and four
-positional encodings (APE, LePE, CPE, RoPE) can be added one by one.
+positional encodings (APE, LePE, CPE, RoPE) can be added one by one. MILA
+is one point of that space: the ``'sub'`` block with CPE, LePE and RoPE
+(:class:`~.mila_block.MILABlock`), with the normaliser of the authors' code.
 Where the paper leaves a detail open, docs/design_space.md states the
 reading taken here.
 
-Every switch is a constructor argument of :class:`DesignBlock`; the
-backbone (:mod:`mila_det.models.backbones.design_space`) checks them and
-builds four stages of these blocks.
+Every switch is a constructor argument of :class:`DesignBlock` (the
+attention's of :class:`LinearAttention`); module names are MILA's official
+ones (``cpe1``, ``in_proj``, ``act_proj``, ``dwc``, ``attn.qk``,
+``attn.lepe``, ``out_proj``, ...), so the MILA-like points load MILA's
+weights. The backbone (:mod:`mila_det.models.backbones.design_space`)
+checks the switches and builds four stages of these blocks.
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -24,15 +30,22 @@ from torch import Tensor
 from mila_det.ops import linear_attention, rope_table
 from mila_det.ops.forget_gate import forget_gate_attention
 from mila_det.ops.linear_attention.parallel import rotate
-from .common import Mlp, TokenLinear, dwconv_tokens
+from .common import (Mlp, TokenLinear, dwconv_tokens, init_mamba_decay,
+                     init_mamba_step)
 
 BLOCK_DESIGNS = ('transformer', 'sub', 'all')
 POS_ENCODINGS = ('ape', 'lepe', 'cpe', 'rope')
 
 
-def phi(x: Tensor) -> Tensor:
-    """The feature map of the queries and keys: ``elu(x) + 1`` (positive)."""
-    return F.elu(x) + 1.0
+def phi(x: Tensor, inplace: bool = False) -> Tensor:
+    """The feature map of the queries and keys: ``elu(x) + 1`` (positive).
+
+    With ``inplace`` (for a fresh projection nobody else reads) the ELU
+    overwrites ``x``, and so does the ``+ 1`` where no gradient flows (ELU's
+    backward reads its output). Defaults to False.
+    """
+    x = F.elu(x, inplace=inplace)
+    return x.add_(1.0) if inplace and not x.requires_grad else x + 1.0
 
 
 class ForgetGateScanFunction(torch.autograd.Function):
@@ -152,35 +165,37 @@ class StepSize(nn.Module):
         self.down = TokenLinear(in_dim, rank, bias=False)
         self.up = TokenLinear(rank, out_dim)
 
-    def reset_design_parameters(self) -> None:
-        """Mamba's ``dt_proj`` initialisation."""
-        std = self.rank**-0.5
-        nn.init.uniform_(self.up.weight, -std, std)
-        with torch.no_grad():
-            dt = torch.exp(
-                torch.rand(self.up.out_features) *
-                (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            dt = dt.clamp(min=1e-4)
-            self.up.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    def reset_extra_parameters(self) -> None:
+        """Mamba's ``dt_proj`` initialisation
+        (:func:`~.common.init_mamba_step`)."""
+        init_mamba_step(self.up.weight, self.up.bias, self.rank)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [B, N, in_dim]`` -> ``[B, N, out_dim]``, positive."""
         return F.softplus(self.up(self.down(x)))
 
 
-class DesignAttention(nn.Module):
-    """The linear attention of the design space, with every switch.
+class LinearAttention(nn.Module):
+    """The linear attention of the design space, with every switch; MILA's
+    attention is one setting of it (:class:`~.mila_block.MILABlock`).
 
     Queries and keys are ``phi(.) = elu(.) + 1`` of a projection of ``x``;
     values are a third slice of that projection (``project_v``, the
-    Transformer block) or ``x`` itself (the Mamba-style blocks, where the
-    block's input projection plays that role).
+    Transformer block: one ``qkv`` Linear) or ``x`` itself (the Mamba-style
+    blocks, where the block's input projection plays that role: a ``qk``
+    Linear, MILA's ``attn.qk``).
+
+    Normalised, the output is ``q' . sum_j k'_j^T v'_j / (q . sum_j k_j +
+    eps)`` per head (primes: RoPE-rotated q, k; input-gated v). MILA's
+    authors divide by ``q . mean_j(k_j) + eps`` instead (``mean_normaliser``),
+    which is the same with ``N * eps`` in place of ``eps``.
 
     Args:
         dim (int): Width of ``x`` and of the values (and of the output).
         num_heads (int): Heads of the multi-head form; must divide ``dim``.
-        project_v (bool): Project the values from ``x`` (one
-            ``qkv`` Linear) rather than take ``x`` as the values.
+        project_v (bool): Project the values from ``x`` (one ``qkv``
+            Linear) rather than take ``x`` as the values (a ``qk`` Linear).
+            Defaults to False.
         single_head (bool): One head whose queries and keys are
             ``single_head_dim`` wide, shared by all value channels.
             Defaults to False.
@@ -196,6 +211,8 @@ class DesignAttention(nn.Module):
             Defaults to False.
         normalize (bool): Divide by ``q . sum(k)`` (else by N).
             Defaults to True.
+        mean_normaliser (bool): Add ``eps`` to ``q . mean(k)`` (MILA's
+            official form) rather than to ``q . sum(k)``. Defaults to False.
         pos_encodings (Sequence[str]): Of ``'ape'``, ``'lepe'``, ``'rope'``
             (CPE lives in the block). Defaults to none.
         ape_grid (tuple[int, int], optional): Grid of the APE table (the
@@ -209,7 +226,7 @@ class DesignAttention(nn.Module):
     def __init__(self,
                  dim: int,
                  num_heads: int,
-                 project_v: bool,
+                 project_v: bool = False,
                  single_head: bool = False,
                  single_head_dim: int = 32,
                  input_gate: bool = False,
@@ -217,6 +234,7 @@ class DesignAttention(nn.Module):
                  scale_input: bool = False,
                  shortcut: bool = False,
                  normalize: bool = True,
+                 mean_normaliser: bool = False,
                  pos_encodings: Sequence[str] = (),
                  ape_grid: Optional[Tuple[int, int]] = None,
                  dt_rank: Optional[int] = None,
@@ -224,33 +242,36 @@ class DesignAttention(nn.Module):
                  eps: float = 1e-6) -> None:
         super().__init__()
         self.dim = dim
-        self.heads = 1 if single_head else num_heads
+        self.num_heads = 1 if single_head else num_heads
         self.qk_dim = single_head_dim if single_head else dim
-        if dim % self.heads or self.qk_dim % self.heads:
-            raise ValueError(f'DesignAttention: num_heads={num_heads} must '
+        if dim % self.num_heads or self.qk_dim % self.num_heads:
+            raise ValueError(f'LinearAttention: num_heads={num_heads} must '
                              f'divide the width {dim}')
         self.project_v = project_v
         self.normalize = normalize
+        self.mean_normaliser = mean_normaliser
         self.scale_input = scale_input
         self.eps = eps
         self.use_rope = 'rope' in pos_encodings
         if self.use_rope and self.qk_dim % 4:
-            raise ValueError(f'DesignAttention: RoPE needs a q/k width '
+            raise ValueError(f'LinearAttention: RoPE needs a q/k width '
                              f'divisible by 4, got {self.qk_dim}')
-        out = 2 * self.qk_dim + (dim if project_v else 0)
-        self.qkv = TokenLinear(dim, out, bias=qkv_bias)
+        if project_v:
+            self.qkv = TokenLinear(dim, 2 * self.qk_dim + dim, bias=qkv_bias)
+        else:
+            self.qk = TokenLinear(dim, 2 * self.qk_dim, bias=qkv_bias)
         rank = dt_rank or math.ceil(dim / 16)
         self.input_gate = StepSize(dim, dim, rank) if input_gate else None
         if forget_gate:
             self.forget_gate = StepSize(dim, dim, rank)
-            self.A_log = nn.Parameter(torch.empty(dim,
-                                                  self.qk_dim // self.heads))
+            self.A_log = nn.Parameter(
+                torch.empty(dim, self.qk_dim // self.num_heads))
         else:
             self.forget_gate = self.A_log = None
         self.D = nn.Parameter(torch.ones(dim)) if shortcut else None
         if 'ape' in pos_encodings:
             if ape_grid is None:
-                raise ValueError('DesignAttention: APE needs ape_grid')
+                raise ValueError('LinearAttention: APE needs ape_grid')
             self.ape_grid = tuple(ape_grid)
             self.absolute_pos_embed = nn.Parameter(
                 torch.zeros(1, self.qk_dim, *self.ape_grid))
@@ -258,17 +279,15 @@ class DesignAttention(nn.Module):
             self.absolute_pos_embed = None
         self.lepe = (nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
                      if 'lepe' in pos_encodings else None)
-        self.reset_design_parameters()
+        self.reset_extra_parameters()
 
-    def reset_design_parameters(self) -> None:
-        """``A_log = log(1..N)`` per channel, ``D = 1``, APE zero (the gates'
-        ``Delta`` projections reset themselves)."""
+    def reset_extra_parameters(self) -> None:
+        """``A_log = log(1..N)`` per channel
+        (:func:`~.common.init_mamba_decay`), ``D = 1``, APE zero (the
+        gates' ``Delta`` projections reset themselves)."""
         with torch.no_grad():
             if self.A_log is not None:
-                d_state = self.A_log.shape[1]
-                self.A_log.copy_(torch.log(torch.arange(
-                    1, d_state + 1, dtype=torch.float32)).expand_as(
-                        self.A_log))
+                init_mamba_decay(self.A_log)
             if self.D is not None:
                 self.D.fill_(1.0)
             if self.absolute_pos_embed is not None:
@@ -283,23 +302,31 @@ class DesignAttention(nn.Module):
                                   align_corners=False)
         return table.flatten(2).transpose(1, 2)
 
+    def _eps_of_sum(self, n: int) -> float:
+        """The ``eps`` of the form ``q . sum(k) + eps`` for ``n`` tokens."""
+        return self.eps * n if self.mean_normaliser else self.eps
+
     def forward(self, x: Tensor, hw: Tuple[int, int],
                 rope: Optional[Tensor] = None) -> Tensor:
         """Args: ``x: [B, N, dim]`` on the grid ``hw``; ``rope: [N,
         qk_dim / 2, 2]`` (built from ``hw`` when omitted and RoPE is on).
         Returns ``[B, N, dim]``."""
-        n = x.shape[1]
-        proj = self.qkv(x)
-        q, k = proj[..., :self.qk_dim], proj[..., self.qk_dim:2 * self.qk_dim]
-        v = proj[..., 2 * self.qk_dim:] if self.project_v else x
+        n, d = x.shape[1], self.qk_dim
+        if self.project_v:
+            proj = self.qkv(x)
+            qk, v = proj[..., :2 * d], proj[..., 2 * d:]
+        else:
+            qk, v = self.qk(x), x
         if self.absolute_pos_embed is not None:
-            k = k + self.ape_tokens(hw).to(k.dtype)
-        q, k = phi(q), phi(k)
+            q = phi(qk[..., :d])
+            k = phi(qk[..., d:] + self.ape_tokens(hw).to(qk.dtype))
+        else:  # one pass over q and k (in place on a fresh projection)
+            q, k = phi(qk, inplace=not self.project_v).chunk(2, dim=-1)
         v_num = v if self.input_gate is None else self.input_gate(x) * v
         if self.use_rope and rope is None:
-            rope = rope_table(hw[0], hw[1], self.qk_dim, x.device)
+            rope = rope_table(hw[0], hw[1], d, x.device)
         mila_operator = (self.use_rope and self.forget_gate is None
-                         and self.normalize and self.qk_dim == self.dim
+                         and self.normalize and d == self.dim
                          and v_num is v)
         q_num = k_num = None
         if self.use_rope and not mila_operator:  # it rotates q, k itself
@@ -309,14 +336,16 @@ class DesignAttention(nn.Module):
             out = self._forget_gate(x, q, k, v_num, q_num, k_num)
         elif mila_operator:
             # MILA's operator: rope(q) . sum rope(k)^T v / N over
-            # (q . mean(k) + eps'); eps' = eps / N gives exactly the form
-            # of global_linear_attention.
-            out = linear_attention(q, k, v.contiguous(), self.heads, rope,
-                                   eps=self.eps / n)
+            # (q . mean(k) + eps'); eps' = eps / N is the form
+            # q . sum(k) + eps.
+            eps = self.eps if self.mean_normaliser else self.eps / n
+            out = linear_attention(q, k, v.contiguous(), self.num_heads,
+                                   rope, eps=eps)
         else:
-            out = global_linear_attention(q, k, v, self.heads,
-                                          self.normalize, self.eps, q_num,
-                                          k_num, v_num)
+            out = global_linear_attention(q, k, v, self.num_heads,
+                                          self.normalize,
+                                          self._eps_of_sum(n), q_num, k_num,
+                                          v_num)
         if self.D is not None:
             out = out + self.D * v
         if self.lepe is not None:
@@ -329,29 +358,31 @@ class DesignAttention(nn.Module):
         """The causal scan; with RoPE the numerator uses the rotated q, k
         and the normaliser ``q_t . sum_{s<=t} k_s`` the plain ones."""
         n = q.shape[1]
+        eps = self._eps_of_sum(n)
         delta = self.forget_gate(x)
         A = -torch.exp(self.A_log)
         if q_num is None:
-            out = forget_gate_scan(q, k, v, delta, A, self.heads, self.eps,
+            out = forget_gate_scan(q, k, v, delta, A, self.num_heads, eps,
                                    self.normalize, self.scale_input)
             return out if self.normalize else out / n
-        out = forget_gate_scan(q_num, k_num, v, delta, A, self.heads,
-                               self.eps, False, self.scale_input)
+        out = forget_gate_scan(q_num, k_num, v, delta, A, self.num_heads,
+                               eps, False, self.scale_input)
         if not self.normalize:
             return out / n
-        b, d_k = q.shape[0], self.qk_dim // self.heads
+        b, h = q.shape[0], self.num_heads
+        d_k = self.qk_dim // h
         with torch.autocast(q.device.type, enabled=False):
             ct = torch.promote_types(q.dtype, torch.float32)
-            z = k.to(ct).cumsum(1).view(b, n, self.heads, d_k)
-            den = (q.to(ct).view(b, n, self.heads, d_k) * z).sum(-1)
-            d_v = self.dim // self.heads
-            out = out.to(ct).view(b, n, self.heads, d_v) / (
-                den.unsqueeze(-1) + self.eps)
+            z = k.to(ct).cumsum(1).view(b, n, h, d_k)
+            den = (q.to(ct).view(b, n, h, d_k) * z).sum(-1)
+            out = out.to(ct).view(b, n, h, self.dim // h) / (
+                den.unsqueeze(-1) + eps)
         return out.reshape(b, n, self.dim).to(q.dtype)
 
     def extra_repr(self) -> str:
-        return (f'dim={self.dim}, heads={self.heads}, qk_dim={self.qk_dim}, '
-                f'normalize={self.normalize}, rope={self.use_rope}')
+        return (f'dim={self.dim}, num_heads={self.num_heads}, '
+                f'qk_dim={self.qk_dim}, normalize={self.normalize}, '
+                f'rope={self.use_rope}')
 
 
 class DesignBlock(nn.Module):
@@ -380,9 +411,9 @@ class DesignBlock(nn.Module):
         pos_encodings (Sequence[str]): Any of ``'ape'``, ``'lepe'``,
             ``'cpe'``, ``'rope'``. Defaults to none.
         **attn_kwargs: The attention's switches (see
-            :class:`DesignAttention`: ``single_head``, ``single_head_dim``,
+            :class:`LinearAttention`: ``single_head``, ``single_head_dim``,
             ``input_gate``, ``forget_gate``, ``scale_input``, ``shortcut``,
-            ``normalize``, ``ape_grid``, ``qkv_bias``).
+            ``normalize``, ``mean_normaliser``, ``ape_grid``, ``qkv_bias``).
     """
 
     def __init__(self,
@@ -404,7 +435,7 @@ class DesignBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         rank = math.ceil(dim / 16)  # Mamba's dt_rank='auto', of the model
         if block == 'transformer':
-            self.attn = DesignAttention(dim, num_heads, True,
+            self.attn = LinearAttention(dim, num_heads, True,
                                         pos_encodings=pos_encodings,
                                         dt_rank=rank, **attn_kwargs)
             self.proj = TokenLinear(dim, dim)
@@ -416,7 +447,7 @@ class DesignBlock(nn.Module):
             else:
                 self.in_proj = TokenLinear(dim, 2 * inner)
             self.dwc = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
-            self.attn = DesignAttention(inner, num_heads, False,
+            self.attn = LinearAttention(inner, num_heads, False,
                                         pos_encodings=pos_encodings,
                                         dt_rank=rank, **attn_kwargs)
             self.out_proj = TokenLinear(inner, dim)

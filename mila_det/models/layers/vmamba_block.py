@@ -17,7 +17,7 @@ from mmcv.cnn.bricks import DropPath
 from torch import Tensor
 
 from mila_det.ops import cross_selective_scan
-from .common import Mlp, TokenLinear
+from .common import Mlp, TokenLinear, init_mamba_decay, init_mamba_step
 from .fused import conv2d_act
 
 
@@ -56,24 +56,20 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2,
                                 groups=inner, bias=False)
         self.out_proj = TokenLinear(inner, dim, bias=False)
-        self.reset_ssm_parameters()
+        self.reset_extra_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 1e-3,
-                             dt_max: float = 0.1) -> None:
-        """The authors' initialisation of the SSM parameters: softplus of the
-        step bias log-uniform in ``[dt_min, dt_max]``, ``A = -[1..N]``,
-        ``D = 1``."""
-        inner, rank = self.d_inner, self.dt_rank
-        bound = inner**-0.5
+    def reset_extra_parameters(self) -> None:
+        """The authors' initialisation of the SSM parameters, which the
+        backbone's generic init does not cover: ``x_proj`` uniform in
+        ``+-Di^-0.5``, Mamba's step projection and decay rates
+        (:func:`~.common.init_mamba_step`, :func:`~.common.init_mamba_decay`:
+        ``A = -[1..N]``), ``D = 1``."""
+        bound = self.d_inner**-0.5
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
-        nn.init.uniform_(self.dt_projs_weight, -rank**-0.5, rank**-0.5)
-        dt = torch.exp(torch.rand(4, inner) *
-                       (math.log(dt_max) - math.log(dt_min)) +
-                       math.log(dt_min)).clamp(min=1e-4)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_logs.copy_(a.log().repeat(4 * inner, 1))
+        init_mamba_step(self.dt_projs_weight, self.dt_projs_bias,
+                        self.dt_rank)
+        init_mamba_decay(self.A_logs)
         self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,18 +22,32 @@ fetched from the network. Then, printing progress as it goes:
 3. timing (CUDA events, after warm-up): each backbone's forward and
    forward+backward at 1x3x800x1280 and 64x3x224x224, Triton and PyTorch
    paths, images/s and allocator peak memory; each operator alone at the
-   stage-1 shape.
+   stage-1 shape;
+4. detector: whether mmcv's compiled CUDA ops are there (its extension built
+   with CUDA, and nms and RoIAlign run on CUDA tensors). When they are, one
+   Mask R-CNN training step (fp16 AMP, set up as ``tools/train.py --amp``
+   does) and one inference step (fp32, as ``tools/test.py``) of
+   ``configs/mask_rcnn_mila_t_1x.py`` and ``configs/mask_rcnn_vmamba_t_1x.py``
+   with random weights on a synthetic batch at 800x1216 (the config's
+   images per GPU): finite losses and detections, milliseconds per step
+   (median of three, after a warm-up step) and allocator peak memory. When they are not (e.g.
+   mmcv from ``tools/gpu_wheels.sh``, built without ops), the report says
+   that the detector cannot train on this machine and how to build mmcv
+   with CUDA ops (``make env`` does it); the exit status is then decided by
+   the other checks, unless ``--require-detector`` is given.
 
 It writes ``report.md`` and ``report.json`` to OUT_DIR and exits with 1 if
 any correctness check failed (2 if it could not run). Budget on one modern
-GPU, about 6 minutes in all: operators ~1.5 min (interpreter-free compile
-of every kernel variant dominates), backbones ~1.5 min, timing ~2.5 min.
+GPU, about 7 minutes in all: operators ~1.5 min (interpreter-free compile
+of every kernel variant dominates), backbones ~1.5 min, timing ~2.5 min,
+detector ~1 min.
 
 ``--interpret`` runs the operator checks on the CPU in Triton's interpreter
 at small shapes only (the test suite uses it); it must be given before
 Triton is imported, so it sets ``TRITON_INTERPRET=1`` itself.
 """
 import argparse
+import copy
 import importlib
 import json
 import math
@@ -42,15 +56,20 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 # dtype -> max error relative to the reference's largest magnitude, for
 # outputs and gradients; the reference runs in fp32 on the same (rounded)
 # inputs, so these bound the kernel's own rounding: fp32 accumulation order,
 # and for bf16/fp16 the rounding of inputs read and outputs written.
 TOLERANCES = {'float32': 2e-4, 'bfloat16': 3e-2, 'float16': 5e-3}
-BUDGET_S = {'operators': 90, 'backbones': 90, 'timing': 150}
+BUDGET_S = {'operators': 90, 'backbones': 90, 'timing': 150,
+            'detector': 60}
 REQUIRED = ('mmengine', 'mmdet', 'mmcv', 'mila_det')
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+DETECTORS = {'MILA-T': 'configs/mask_rcnn_mila_t_1x.py',
+             'VMamba-T': 'configs/mask_rcnn_vmamba_t_1x.py'}
+DETECTOR_SIZE = (800, 1216)
 
 
 def log(msg: str) -> None:
@@ -88,6 +107,8 @@ class Report:
         self.checks: List[dict] = []
         self.timings: List[dict] = []
         self.env: Dict[str, str] = {}
+        # ran: whether the Mask R-CNN steps ran; reason: why not, and how
+        self.detector: Dict[str, object] = {}
 
     def check(self, part: str, name: str, fn: Callable[[], float],
               tol: float) -> None:
@@ -114,7 +135,8 @@ class Report:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, 'report.json'), 'w') as f:
             json.dump(dict(env=self.env, ok=self.ok, checks=self.checks,
-                           timings=self.timings), f, indent=1)
+                           timings=self.timings, detector=self.detector),
+                      f, indent=1)
         lines = ['# mila_det GPU check', '']
         lines += [f'- {k}: {v}' for k, v in self.env.items()]
         lines += ['', f'Correctness: **{"PASS" if self.ok else "FAIL"}** '
@@ -124,6 +146,12 @@ class Report:
         lines += [f'| {c["part"]} | {c["name"]} | '
                   f'{"ok" if c["ok"] else "**FAIL**"}: {c["detail"]} |'
                   for c in self.checks]
+        if self.detector:
+            lines += ['', '## Detector (Mask R-CNN)', '',
+                      self.detector['summary']]
+            if not self.detector['ran']:
+                lines += ['', f'Why: {self.detector["reason"]}', '',
+                          f'How to fix: {self.detector["how"]}']
         if self.timings:
             lines += ['', '| what | backend | shape | ms | images/s | '
                       'peak MiB |', '|---|---|---|---|---|---|']
@@ -397,14 +425,250 @@ def time_all(report: Report, device) -> None:
             log(f'{name} {backend}: {ms:.2f} ms')
 
 
+def _load_tool(name: str):
+    """A module of tools/ by file name (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f'_mila_det_tools_{name}', os.path.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def probe_mmcv_cuda_ops(device='cuda') -> Tuple[bool, str]:
+    """Whether mmcv's compiled ops run on ``device``: (True, what was found)
+    or (False, why not)."""
+    import torch
+    try:
+        import mmcv
+        from mmcv.ops import RoIAlign, get_compiling_cuda_version, nms
+    except (ImportError, OSError) as exc:
+        return False, ('mmcv has no compiled ops (`from mmcv.ops import '
+                       f'nms` fails: {type(exc).__name__}: {exc})')
+    built = get_compiling_cuda_version()
+    if built == 'not available':
+        return False, (f'mmcv {mmcv.__version__} was compiled without CUDA: '
+                       'its nms and RoIAlign run on CPU tensors only')
+    try:
+        boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.],
+                              [50., 50., 60., 60.]], device=device)
+        kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7], device=device),
+                   0.5)[1]
+        feats = torch.randn(1, 4, 16, 16, device=device)
+        rois = torch.tensor([[0., 2., 2., 12., 12.]], device=device)
+        pooled = RoIAlign((7, 7), 1.0, 2)(feats, rois)
+        if device != 'cpu':
+            torch.cuda.synchronize(device)
+    except RuntimeError as exc:  # e.g. no kernel image for this GPU
+        return False, (f'mmcv {mmcv.__version__} (compiled with CUDA '
+                       f'{built}) fails on this GPU: {exc}'.strip()[:400])
+    if kept.numel() != 2 or tuple(pooled.shape) != (1, 4, 7, 7):
+        return False, (f'mmcv {mmcv.__version__} ops give wrong results on '
+                       f'{device}: nms kept {kept.numel()} of 3 boxes (want '
+                       f'2), RoIAlign shape {tuple(pooled.shape)}')
+    return True, f'mmcv {mmcv.__version__}, ops compiled with CUDA {built}'
+
+
+def how_to_build_mmcv() -> str:
+    """How to get mmcv 2.1.0 with CUDA ops on this machine."""
+    import torch
+    try:
+        toolchain = _load_tool('cuda_toolchain')
+        archs = toolchain.arch_list([c for _, c in toolchain.local_gpus()])
+    except Exception:  # the hint must not fail the report
+        archs = ''
+    cuda = torch.version.cuda or 'X.Y'
+    return ('in this repository, `make env` builds it (it checks first that '
+            f'nvcc is from a CUDA {cuda.split(".")[0]}.x toolkit, as torch '
+            f'{torch.__version__} needs; see the README, "On a GPU '
+            'machine"); in another environment: `pip uninstall -y mmcv && '
+            f'FORCE_CUDA=1 MMCV_WITH_OPS=1 TORCH_CUDA_ARCH_LIST="{archs or "X.Y"}" '
+            'CUDA_HOME=/path/to/cuda pip install --no-cache-dir '
+            '--no-build-isolation mmcv==2.1.0` (CUDA_HOME: a CUDA '
+            f'{cuda} toolkit; --no-cache-dir: pip may hold a wheel built '
+            'without CUDA ops or for another GPU).')
+
+
+def _amp_config(config: str, device: 'torch.device', work_dir: str,
+                cfg_options: Optional[dict] = None):
+    """The config as ``tools/train.py --amp`` builds it (its own
+    ``build_config``), with a random-weight backbone. AMP is fp16 with
+    dynamic loss scaling on CUDA; without CUDA, train.py's CPU fallback
+    (bf16 autocast)."""
+    train = _load_tool('train')
+    cfg = train.build_config(argparse.Namespace(
+        config=config, launcher='none', work_dir=work_dir, amp=True,
+        auto_scale_lr=False, resume=None,
+        cfg_options={'model.backbone.init_cfg': None,
+                     **copy.deepcopy(cfg_options or {})}))
+    if device.type == 'cuda' and cfg.optim_wrapper.type != 'AmpOptimWrapper':
+        raise RuntimeError('tools/train.py --amp did not choose '
+                           f'AmpOptimWrapper ({cfg.optim_wrapper.type})')
+    return cfg
+
+
+def detector_step(config: str, device, height: int = DETECTOR_SIZE[0],
+                  width: int = DETECTOR_SIZE[1], batch: Optional[int] = None,
+                  warmup: int = 1, repeat: int = 1,
+                  work_dir: str = 'work_dirs/gpu_check',
+                  cfg_options: Optional[dict] = None) -> dict:
+    """Mask R-CNN training and inference steps of ``config`` on ``device``.
+
+    The model has random weights (backbone ``init_cfg=None``); the batch is
+    synthetic (``mila_det.utils.synthetic``), ``batch`` images of
+    ``height`` x ``width`` (default: the config's images per GPU). Training
+    runs through the config's optimiser wrapper as ``tools/train.py --amp``
+    sets it up; inference as ``tools/test.py`` runs it (``test_step``).
+    ``cfg_options`` are further ``--cfg-options`` (the tests use fewer
+    proposals to run on CPU).
+
+    Returns:
+        dict: ``train_ms`` / ``infer_ms`` (median wall time per step after
+        ``warmup`` steps, synchronised on CUDA), ``train_peak_mib`` /
+        ``infer_peak_mib`` (allocator peak on CUDA, else None), ``losses``
+        (name -> float, last training step), ``detections`` (boxes of the
+        first image), ``optim_wrapper`` and ``shape``.
+
+    Raises:
+        FloatingPointError: a loss or a detection is not finite.
+    """
+    import torch
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.optim import build_optim_wrapper
+
+    import mila_det  # noqa: F401  (registers the backbones)
+    from mila_det.utils.synthetic import synthetic_det_batch
+    register_all_modules()
+    device = torch.device(device)
+    cfg = _amp_config(config if os.path.isabs(config) else
+                      os.path.join(os.path.dirname(TOOLS), config), device,
+                      work_dir, cfg_options)
+    batch = batch or cfg.train_dataloader.batch_size
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    model = model.to(device)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    images, samples = synthetic_det_batch(batch, height, width)
+    # pixel values as the data pipeline gives them (0..255, normalised by
+    # the model's data preprocessor)
+    data = dict(inputs=[(img * 50 + 110).clamp(0, 255) for img in images],
+                data_samples=samples)
+    cuda = device.type == 'cuda'
+
+    def timed(step: Callable) -> Tuple[float, Optional[int], object]:
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times, out = [], None
+        for _ in range(max(repeat, 1)):
+            start = time.perf_counter()
+            out = step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1000)
+        peak = (round(torch.cuda.max_memory_allocated(device) / 2**20)
+                if cuda else None)
+        return sorted(times)[len(times) // 2], peak, out
+
+    model.train()
+    train_ms, train_peak, log_vars = timed(
+        lambda: model.train_step(data, optim_wrapper))
+    losses = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+              for k, v in log_vars.items()}
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f'non-finite training losses: {bad}')
+    model.eval()
+    with torch.no_grad():
+        infer_ms, infer_peak, results = timed(lambda: model.test_step(data))
+    pred = results[0].pred_instances
+    if not (torch.isfinite(pred.bboxes).all() and
+            torch.isfinite(pred.scores).all()):
+        raise FloatingPointError('non-finite detections')
+    return dict(train_ms=train_ms, infer_ms=infer_ms,
+                train_peak_mib=train_peak, infer_peak_mib=infer_peak,
+                losses=losses, detections=len(pred.bboxes),
+                optim_wrapper=cfg.optim_wrapper.type,
+                shape=f'{batch}x3x{height}x{width}')
+
+
+def check_detector(report: Report, device,
+                   probe: Optional[Callable[[], Tuple[bool, str]]] = None,
+                   size: Tuple[int, int] = DETECTOR_SIZE,
+                   warmup: int = 1, repeat: int = 3,
+                   cfg_options: Optional[Dict[str, dict]] = None) -> None:
+    """The detector part: the mmcv probe, then a training and an inference
+    step per detector config (see ``detector_step``), or why not.
+    ``cfg_options`` maps a DETECTORS name to further ``--cfg-options`` for
+    it (the tests shrink the models to run on CPU)."""
+    import torch
+    ok, detail = (probe or (lambda: probe_mmcv_cuda_ops(device)))()
+    if not ok:
+        report.detector = dict(
+            ran=False, reason=detail, how=how_to_build_mmcv(),
+            summary='**NOT RUN: the detector cannot train on this machine**'
+                    ' (Mask R-CNN needs mmcv\'s CUDA ops for RoIAlign and '
+                    'NMS on CUDA tensors).')
+        log(f'detector: NOT RUN: {detail}')
+        log(f'detector: to build mmcv with CUDA ops: '
+            f'{report.detector["how"]}')
+        return
+    log(f'detector: {detail}')
+    report.detector = dict(ran=True, mmcv=detail, summary=(
+        f'{detail}. One training step (fp16 AMP) and one inference step '
+        f'per config, random weights, synthetic batch at {size[0]}x'
+        f'{size[1]}.'))
+    for name, config in DETECTORS.items():
+        result = {}
+
+        def run(config=config, result=result):
+            result.update(detector_step(config, device, *size,
+                                        warmup=warmup, repeat=repeat,
+                                        cfg_options=(cfg_options or
+                                                     {}).get(name)))
+            return 0.0
+
+        report.check('detector', f'Mask R-CNN {name} ({config}) train + '
+                     'inference step, finite', run, 0.0)
+        if result:
+            for mode in ('train', 'infer'):
+                ms = result[f'{mode}_ms']
+                images = int(result['shape'].split('x')[0])
+                amp = ('fp16 AMP' if result['optim_wrapper'] ==
+                       'AmpOptimWrapper' else result['optim_wrapper'])
+                report.timings.append(dict(
+                    what=f'Mask R-CNN {name} ' + (
+                        f'training step ({amp})' if mode == 'train' else
+                        'inference step'),
+                    backend='auto', shape=result['shape'], ms=ms,
+                    images_per_s=round(images * 1000 / ms, 1),
+                    peak_mib=result[f'{mode}_peak_mib']))
+                log(f'Mask R-CNN {name} {mode}: {ms:.1f} ms, peak '
+                    f'{result[f"{mode}_peak_mib"]} MiB')
+            log(f'Mask R-CNN {name} losses: ' + ', '.join(
+                f'{k} {v:.3f}' for k, v in result['losses'].items()))
+        if torch.device(device).type == 'cuda':
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out', help='folder for report.md and report.json')
     parser.add_argument('--wheels', help='local wheel folder (from '
                         'tools/gpu_wheels.sh) for missing packages')
     parser.add_argument('--interpret', action='store_true',
                         help='operator checks only, on CPU in the Triton '
                         'interpreter, small shapes')
+    parser.add_argument('--no-detector', action='store_true',
+                        help='skip the Mask R-CNN training and inference '
+                        'steps (part 4)')
+    parser.add_argument('--require-detector', action='store_true',
+                        help='exit with 1 when the detector cannot run '
+                        '(mmcv without CUDA ops)')
     args = parser.parse_args(argv)
     if args.interpret:
         os.environ['TRITON_INTERPRET'] = '1'
@@ -440,6 +704,9 @@ def main(argv=None) -> int:
     if not args.interpret:
         parts += [('backbones', lambda: check_backbones(report, device)),
                   ('timing', lambda: time_all(report, device))]
+        if not args.no_detector:
+            parts += [('detector', lambda: check_detector(
+                report, device, repeat=3))]
     for part, run in parts:
         log(f'{part} (budget {BUDGET_S[part]} s)')
         t0 = time.perf_counter()
@@ -447,7 +714,12 @@ def main(argv=None) -> int:
         log(f'{part} took {time.perf_counter() - t0:.0f} s')
     report.env['seconds'] = f'{time.perf_counter() - started:.0f}'
     report.write(args.out)
-    log('PASS' if report.ok else 'FAIL: see the report')
+    detector_missing = bool(report.detector) and not report.detector['ran']
+    log(('PASS' if report.ok else 'FAIL: see the report') +
+        (' (operators and backbones only: the detector cannot train here, '
+         'see the report)' if detector_missing else ''))
+    if detector_missing and args.require_detector:
+        return 1
     return 0 if report.ok else 1
 
 

@@ -4,6 +4,7 @@ CUDA, a failing check's exit status, and an offline install from the wheel
 folder into a fresh environment that has only torch and triton."""
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -118,3 +119,120 @@ print('ok', mmcv.__version__)
                           **run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == 'ok 2.1.0'
+
+
+def test_help_describes_the_detector_step():
+    proc = subprocess.run([sys.executable, str(TOOL), '--help'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for words in ('Mask R-CNN training step', 'mask_rcnn_mila_t_1x.py',
+                  'mask_rcnn_vmamba_t_1x.py', '800x1216', 'fp16 AMP',
+                  '--require-detector', '--no-detector'):
+        assert words in proc.stdout, words
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
+def test_probe_finds_no_cuda_ops_in_a_cpu_build_of_mmcv():
+    """This machine's mmcv is compiled with its ops, but for CPU only."""
+    ok, why = load_tool().probe_mmcv_cuda_ops()
+    assert not ok
+    assert 'without CUDA' in why
+
+
+def test_without_cuda_ops_the_report_says_the_detector_cannot_train(
+        tmp_path, monkeypatch):
+    tool = load_tool()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('detector_step ran without CUDA ops')
+
+    monkeypatch.setattr(tool, 'detector_step', must_not_run)
+    report = tool.Report()
+    tool.check_detector(report, 'cpu', probe=lambda: (
+        False, 'mmcv 2.1.0 was compiled without CUDA (faked)'))
+    assert report.checks == [] and report.timings == []
+    report.write(str(tmp_path))
+    md = (tmp_path / 'report.md').read_text()
+    assert 'NOT RUN: the detector cannot train on this machine' in md
+    assert 'compiled without CUDA (faked)' in md
+    assert 'make env' in md and 'MMCV_WITH_OPS=1' in md and \
+        'FORCE_CUDA=1' in md
+    saved = json.loads((tmp_path / 'report.json').read_text())['detector']
+    assert saved['ran'] is False and 'faked' in saved['reason']
+
+
+def test_require_detector_turns_the_missing_ops_into_a_failure(
+        tmp_path, monkeypatch):
+    """main() with every GPU part replaced: only the exit status logic and
+    the final report are under test here."""
+    tool = load_tool()
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d: 'fake GPU')
+    monkeypatch.setattr(tool, 'ensure_stack', lambda wheels: None)
+    for part in ('check_operators', 'check_backbones', 'time_all'):
+        monkeypatch.setattr(tool, part, lambda *a, **k: None)
+    monkeypatch.setattr(tool, 'probe_mmcv_cuda_ops',
+                        lambda device: (False, 'no ops (faked)'))
+    assert tool.main([str(tmp_path)]) == 0
+    assert 'NOT RUN' in (tmp_path / 'report.md').read_text()
+    assert tool.main([str(tmp_path), '--require-detector']) == 1
+    assert tool.main([str(tmp_path), '--no-detector',
+                      '--require-detector']) == 0
+
+
+# The configs shrunk for CPU (the GPU check runs them whole): tiny
+# backbones of the same types, heads 32 channels wide, few proposals and
+# sampled RoIs (at full width and 512 RoIs per image a CPU training step
+# takes ~20 s here, the mask head and AdamW most of it).
+NARROW = {'model.neck.out_channels': 32,
+          'model.rpn_head.in_channels': 32,
+          'model.rpn_head.feat_channels': 32,
+          'model.roi_head.bbox_roi_extractor.out_channels': 32,
+          'model.roi_head.bbox_head.in_channels': 32,
+          'model.roi_head.bbox_head.fc_out_channels': 64,
+          'model.roi_head.mask_roi_extractor.out_channels': 32,
+          'model.roi_head.mask_head.in_channels': 32,
+          'model.roi_head.mask_head.conv_out_channels': 32,
+          'model.train_cfg.rpn_proposal.max_per_img': 64,
+          'model.train_cfg.rcnn.sampler.num': 32,
+          'model.test_cfg.rpn.max_per_img': 64}
+SMALL = {
+    'MILA-T': {**NARROW, 'model.backbone.arch': dict(
+        _delete_=True, embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+        'model.neck.in_channels': [16, 32, 64, 128]},
+    'VMamba-T': {**NARROW, 'model.backbone.arch': dict(
+        _delete_=True, dims=16, depths=(1, 1, 1, 1), ssm_ratio=1.0, d_state=1),
+        'model.neck.in_channels': [16, 32, 64, 128]}}
+
+
+def test_detector_steps_run_on_cpu_at_a_small_size():
+    """The detector part as on the GPU, on CPU at 64x96 with the two
+    configs (shrunk): train.py's --amp set-up (bf16 autocast without CUDA),
+    finite losses and detections, one timing per step."""
+    tool = load_tool()
+    report = tool.Report()
+    tool.check_detector(report, 'cpu', probe=lambda: (True, 'ops (faked)'),
+                        size=(64, 96), warmup=0, repeat=1,
+                        cfg_options=SMALL)
+    assert [c['name'].split(' (')[0] for c in report.checks] == [
+        'Mask R-CNN MILA-T', 'Mask R-CNN VMamba-T']
+    assert all(c['ok'] for c in report.checks), report.checks
+    assert [t['what'] for t in report.timings] == [
+        f'Mask R-CNN {n} {s}' for n in ('MILA-T', 'VMamba-T')
+        for s in ('training step (CPUAutocastOptimWrapper)',
+                  'inference step')]
+    assert all(t['ms'] > 0 and t['shape'] == '2x3x64x96'
+               for t in report.timings)
+    assert report.detector['ran']
+
+
+def test_detector_step_uses_train_py_amp_and_gives_finite_losses():
+    result = load_tool().detector_step('configs/mask_rcnn_mila_t_1x.py',
+                                       'cpu', 64, 96, batch=1, warmup=0,
+                                       cfg_options=SMALL['MILA-T'])
+    assert result['optim_wrapper'] == 'CPUAutocastOptimWrapper'
+    assert {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'} <= \
+        set(result['losses'])
+    assert all(math.isfinite(v) for v in result['losses'].values())
+    assert result['train_peak_mib'] is None and result['shape'] == \
+        '1x3x64x96'

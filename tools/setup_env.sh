@@ -94,10 +94,19 @@ elif ! "$PY" -c "$MMCV_READY; assert mmcv.ops.get_compiling_cuda_version() != 'n
         REBUILD=(--no-cache-dir)
     fi
     ARCHS="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" "$ROOT/tools/cuda_toolchain.py" arch-list)}"
-    echo "[setup_env] building mmcv 2.1.0 with CUDA ops for TORCH_CUDA_ARCH_LIST='$ARCHS' with ${CUDA_HOME_FOR_MMCV:-${CUDA_HOME:-?}}/bin/nvcc (10-30 minutes the first time, see README 'On a GPU machine'; pip caches the wheel)"
+    # mmcv 2.1.0's CUDA sources include <THC/THCAtomics.cuh>, which recent
+    # torch no longer ships (2.13 has no THC/ headers; the atomics live in
+    # ATen/cuda/Atomic.cuh). A one-line stand-in on CPATH, which the
+    # compilers search after torch's own include folders.
+    COMPAT="$(mktemp -d)"
+    mkdir -p "$COMPAT/THC"
+    printf '#pragma once\n#include <ATen/cuda/Atomic.cuh>\n' > "$COMPAT/THC/THCAtomics.cuh"
+    echo "[setup_env] building mmcv 2.1.0 with CUDA ops for TORCH_CUDA_ARCH_LIST='$ARCHS' with ${CUDA_HOME_FOR_MMCV:-${CUDA_HOME:-?}}/bin/nvcc (roughly 5 minutes on 16 cores, 25 on 2, the first time: see README 'On a GPU machine'; pip caches the wheel)"
     CUDA_HOME="${CUDA_HOME_FOR_MMCV:-${CUDA_HOME:-}}" TORCH_CUDA_ARCH_LIST="$ARCHS" \
+        CPATH="$COMPAT${CPATH:+:$CPATH}" \
         FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "${PIP[@]}" --no-build-isolation ${REBUILD[@]+"${REBUILD[@]}"} "mmcv==2.1.0"
+    rm -rf "$COMPAT"
 fi
 
 "${PIP[@]}" "mmengine==0.10.7" "mmdet==3.3.0" pycocotools triton pytest matplotlib

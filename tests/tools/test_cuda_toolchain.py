@@ -191,6 +191,43 @@ def test_unknown_torch_cuda_is_checked_after_install(gpu_path, tmp_path):
     assert tc.torch_cuda('3.1.0', '', installed)[0] == '13.2'
 
 
+def fake_venv_python(path: Path, torch: str, cuda: str,
+                     mmcv_cuda: bool) -> str:
+    """A 'python' that answers the virtual-environment probe."""
+    return str(_script(path, f'echo "torch {torch} {cuda}"\n'
+                             f'echo "mmcv_cuda {mmcv_cuda}"\n'))
+
+
+def test_installed_torch_decides(gpu_path, tmp_path):
+    """Once torch is in the environment its own CUDA version counts; a CPU
+    build there is an error on a GPU machine; mmcv with CUDA ops already
+    there needs no toolkit at all."""
+    fake_toolkit(tmp_path / 'cuda', '12.6')
+    os.symlink(tmp_path / 'cuda' / 'bin' / 'nvcc', gpu_path / 'nvcc')
+    py = fake_venv_python(tmp_path / 'a' / 'python', '2.13.0+cu126', '12.6',
+                          False)
+    found = tc.check('2.13.0', venv_python=py, prefixes=())
+    assert (found.torch_cuda, found.nvcc_cuda) == ('12.6', '12.6')
+    assert 'in the virtual environment' in found.torch_source
+    py = fake_venv_python(tmp_path / 'b' / 'python', '2.13.0+cpu', 'None',
+                          False)
+    with pytest.raises(tc.ToolchainError, match='is a CPU build'):
+        tc.check('2.13.0', venv_python=py, prefixes=())
+    py = fake_venv_python(tmp_path / 'c' / 'python', '2.13.0', '13.0', True)
+    assert tc.check('2.13.0', venv_python=py, prefixes=()) is None
+    # no environment yet: the pinned version's PyPI build (13.0) counts
+    with pytest.raises(tc.ToolchainError, match='is CUDA 13.0'):
+        tc.check('2.13.0', venv_python=str(tmp_path / 'none' / 'python'),
+                 prefixes=())
+
+
+def test_prefixes_from_the_environment(gpu_path, tmp_path, monkeypatch):
+    fake_toolkit(tmp_path / 'sw' / 'cuda-13.0', '13.0')
+    monkeypatch.setenv('MILA_DET_CUDA_PREFIXES',
+                       f'{tmp_path}/nothing:{tmp_path}/sw/cuda-*')
+    assert tc.check('2.13.0').cuda_home == str(tmp_path / 'sw' / 'cuda-13.0')
+
+
 def test_arch_list_of_local_gpus(gpu_path, capsys):
     assert tc.arch_list(['9.0', '8.0', '9.0', '10.0']) == '8.0;9.0;10.0+PTX'
     assert tc.arch_list([]) == ''

@@ -21,6 +21,7 @@ from mila_det.ops.forget_gate import naive_forget_gate_attention
 from mila_det.ops.linear_attention import apply_rope
 from tests.conftest import (REPO_ROOT, official_key_listing,
                             reference_file, shape_string)
+from tests.models.reference import assert_reproduces
 
 TINY = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 ROWS = list(DESIGN_ROWS)
@@ -375,13 +376,7 @@ def test_mila_fixtures_through_the_design_space_backbone(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, ref['state_dict'][key]), key
     assert len(ref['cases']) == 3
-    with torch.no_grad():
-        for case in ref['cases']:
-            outs = model(case['input'])
-            assert len(outs) == len(case['outputs']) == 4
-            for got, want in zip(outs, case['outputs']):
-                assert got.shape == want.shape
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert_reproduces(model, ref['cases'])  # the MILA fixture's tolerance
 
 
 def test_mila_t_point_has_the_official_keys():

@@ -12,6 +12,7 @@ from mila_det.models.layers import ConvLayer, TokenLinear, dwconv_tokens
 from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
+from tests.models.reference import assert_reproduces
 
 MINI_ARCH = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 
@@ -34,13 +35,7 @@ def test_reference_fixture_reproduced(mila_reference):
              if not k.endswith('rope.rotations')}
     model.load_state_dict(state, strict=True)
     assert len(mila_reference['cases']) == 3
-    with torch.no_grad():
-        for case in mila_reference['cases']:
-            outs = model(case['input'])
-            assert len(outs) == len(case['outputs']) == 4
-            for got, want in zip(outs, case['outputs']):
-                assert got.shape == want.shape
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert_reproduces(model, mila_reference['cases'])
 
 
 def test_arch_names_and_errors():

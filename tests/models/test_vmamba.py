@@ -11,6 +11,7 @@ from mila_det.models.layers import TokenLinear
 from mila_det.models.layers.vmamba_block import SS2D
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
+from tests.models.reference import assert_reproduces
 
 
 @pytest.mark.parametrize('fixture', ['vmamba_mini_r2_n1.pt',
@@ -24,13 +25,7 @@ def test_reference_fixtures_reproduced(fixture):
                    drop_path_rate=0.0).eval()
     model.load_state_dict(ref['state_dict'], strict=True)
     assert list(model.state_dict()) == list(ref['state_dict'])
-    assert ref['cases']
-    with torch.no_grad():
-        for case in ref['cases']:
-            outs = model(case['input'])
-            assert len(outs) == len(case['outputs']) == 4
-            for got, want in zip(outs, case['outputs']):
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert_reproduces(model, ref['cases'])
 
 
 def test_official_parameter_counts():

@@ -19,7 +19,7 @@ class KernelVariant(NamedTuple):
     takes them.
     """
     kernel: str
-    detail: str  # e.g. 'fp32 d32', 'bf16 N16'
+    detail: str  # e.g. 'fp32 d32', 'bf16 gate'
     fn: object
     signature: Dict[str, str]
     constexprs: Dict[str, object]

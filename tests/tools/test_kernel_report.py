@@ -3,6 +3,7 @@ compiles offline for sm_80 and sm_90 without spilling and within the block's
 shared memory, and every stage-1 launch fills a 132-SM GPU twice over."""
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,83 @@ def test_cross_scan_channel_count_is_never_a_constant():
                           capture_output=True, text=True, timeout=300,
                           env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+
+@needs_triton()
+def test_every_compiled_form_is_reported_once():
+    """No two variants compile the same kernel with the same signature,
+    constants and warps (a label alone never makes a variant)."""
+    tool = load_tool()
+    forms = [(v.kernel, tuple(sorted(v.signature.items())),
+              tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
+             for v in tool.variants()]
+    assert len(forms) == len(set(forms))
+    names = [(v.kernel, v.detail) for v in tool.variants()]
+    assert len(names) == len(set(names))
+
+
+# Runs the package's callers of the selective-scan kernels in Triton's
+# interpreter, forward and backward, and prints every launch's kernel, its
+# compile-time flags and its warps.
+FLAGS = ('HAS_BIAS', 'SOFTPLUS', 'HAS_D', 'SCALE_INPUT', 'REVERSE')
+RECORD_LAUNCHES = """
+import importlib, json
+import torch
+FLAGS = %r
+ss = importlib.import_module('mila_det.ops.selective_scan.triton')
+fg = importlib.import_module('mila_det.ops.forget_gate.triton')
+css = importlib.import_module('mila_det.ops.cross_selective_scan.triton')
+launched = set()
+for fn in {v.fn for v in ss.report_variants()}:
+    def record(*args, _fn=fn, _run=fn.run, **kwargs):
+        bound = dict(zip(_fn.arg_names, args), **kwargs)
+        launched.add((_fn.__name__, tuple(
+            (k, bool(bound[k])) for k in FLAGS if k in bound),
+            kwargs['num_warps']))
+        return _run(*args, **kwargs)
+    fn.run = record
+torch.manual_seed(0)
+x = torch.randn(1, 4, 2, 3, requires_grad=True)
+params = [torch.randn(4, 2 + 2 * 2, 4) * 0.5, torch.randn(4, 4, 2) * 0.5,
+          torch.randn(4, 4) * 0.5, torch.rand(16, 2).add(0.5).log(),
+          torch.randn(16)]
+css.triton_cross_selective_scan(x, *params).sum().backward()
+for scale_input in (False, True):
+    q, k = (torch.rand(1, 5, 4) + 0.5 for _ in range(2))
+    v = torch.randn(1, 5, 4, requires_grad=True)
+    delta, A = torch.rand(1, 5, 4) * 0.5 + 0.05, -torch.rand(4, 2) - 0.1
+    fg.triton_forget_gate_attention(q, k, v, delta, A, 2,
+                                    scale_input=scale_input).sum().backward()
+print(json.dumps(sorted(launched)))
+""" % (FLAGS, )
+
+
+@needs_triton()
+def test_report_compiles_what_every_launch_site_passes():
+    """Run the package's callers of the scan kernels (VMamba's cross
+    selective scan; the forget gate, input scaled and not), forward and
+    backward, in the interpreter, record the compile-time flags and warps
+    of every launch, and find each among the report's variants (which the
+    first test compiles without spills)."""
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    proc = subprocess.run([sys.executable, '-c', RECORD_LAUNCHES],
+                          capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launched = {(k, tuple(map(tuple, flags)), warps) for k, flags, warps
+                in json.loads(proc.stdout.splitlines()[-1])}
+    assert {k for k, _, _ in launched} == {
+        'selective_scan_chunk_fwd_kernel', 'selective_scan_carry_kernel',
+        'selective_scan_fwd_kernel', 'selective_scan_chunk_bwd_kernel',
+        'selective_scan_bwd_kernel'}
+    # the forget gate's combination (no flag set) is among them
+    assert any(k == 'selective_scan_bwd_kernel'
+               and flags == tuple((f, False) for f in FLAGS[:4])
+               for k, flags, _ in launched)
+    tool = load_tool()
+    declared = {(v.kernel, tuple((k, v.constexprs[k]) for k in FLAGS
+                                 if k in v.constexprs), v.num_warps)
+                for v in tool.variants() if v.detail.startswith('fp32')}
+    missing = launched - declared
+    assert not missing, missing

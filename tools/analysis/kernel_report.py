@@ -3,10 +3,11 @@
     python tools/analysis/kernel_report.py [--bandwidth 3350] [--arch 80 90]
         [--csv work_dirs/kernel_report.csv]
 
-Every Triton kernel of mila_det is compiled, in each variant the backbones
-launch (dtypes fp32 / bf16 / fp16; head widths 32 / 64 / 128 for the linear
-attention; d_state 1 / 4 / 16 for the selective scan, 32 for the forget
-gate; each ``ops/<op>/triton.py`` declares its own, see
+Every Triton kernel of mila_det is compiled, in each variant the package
+launches, each once (dtypes fp32 / bf16 / fp16; head widths 32 / 64 / 128
+for the linear attention; for the selective scan every combination of
+compile-time flags its callers pass: VMamba's and the forget gate's; each
+``ops/<op>/triton.py`` declares its own, see
 ``mila_det/ops/_report.py``), for each GPU
 architecture with Triton's own compiler (no GPU needed), and Triton's
 bundled ``cuobjdump`` reads the registers and the local memory (where
@@ -126,11 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument('--jobs', type=int, default=0,
                         help='parallel compiles (default: one per core)')
     args = parser.parse_args(argv)
-    print(f'{"kernel":34s} {"variant":10s} {"sm":>3s} {"regs":>5s} '
+    print(f'{"kernel":34s} {"variant":18s} {"sm":>3s} {"regs":>5s} '
           f'{"local B":>8s} {"smem KB":>8s}  within limits')
     rows = compile_all(args.arch, args.jobs)
     for r in rows:
-        print(f'{r["kernel"]:34s} {r["variant"]:10s} {r["arch"]:3d} '
+        print(f'{r["kernel"]:34s} {r["variant"]:18s} {r["arch"]:3d} '
               f'{r["registers"]:5d} {r["spill_bytes"]:8d} '
               f'{r["shared"] / 1024:8.1f}  {"yes" if r["ok"] else "NO"}')
     print(f'\nlaunches at 1x3x800x1280, stage 1 (time at {args.bandwidth:.0f}'

@@ -71,8 +71,10 @@ def triton_forget_gate_attention(q: Tensor,
 
 
 def report_variants() -> List:
-    """None of its own: the selective scan's report covers the kernels this
-    path launches (groups = heads, state size dk, ``scale_input=False``)."""
+    """None of its own: the selective scan's report compiles the kernels
+    this path launches, with its flags (no step bias, softplus or D; input
+    scaled or not: ``LAUNCH_FLAGS['gate']`` and ``['gate-scaled']`` of
+    :mod:`mila_det.ops.selective_scan.triton`)."""
     return []
 
 

@@ -57,6 +57,16 @@ FWD_BLOCK_D, FWD_WARPS = 16, 8
 CHUNK_BWD_BLOCK_D, CHUNK_BWD_WARPS = 16, 8
 BWD_BLOCK_D, BWD_WARPS = 8, 8
 CARRY_BLOCK_S, CARRY_WARPS = 512, 2
+# Warps of the backward's second pass without Mamba's softplus and D (the
+# forget gate's flags): at 8 warps ptxas for sm_80 holds those lighter
+# variants to 128 registers (two blocks per SM) and spills; at 16 warps a
+# thread keeps half as many rows of the same tile and nothing spills.
+BWD_LIGHT_WARPS = 16
+
+
+def _bwd_warps(has_d: bool, softplus: bool) -> int:
+    """Warps of :func:`selective_scan_bwd_kernel` for its flags."""
+    return BWD_WARPS if has_d and softplus else BWD_LIGHT_WARPS
 
 
 @triton.jit
@@ -394,6 +404,7 @@ def _block_d(block_d: int, per_group: int) -> int:
 
 
 CARRY_MAX_ROWS = 4
+CARRY_ROWS = (1, 2, 4)  # every value of _carry_rows on a GPU
 
 
 def _carry_rows(rows: int) -> int:
@@ -514,7 +525,7 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
             ddelta, dB, dC, dA, dD, dbias, channels, length, per_group,
             n_state, n_seg, D is not None, delta_bias is not None,
             delta_softplus, scale_input, block_d, block_t,
-            num_warps=BWD_WARPS)
+            num_warps=_bwd_warps(D is not None, delta_softplus))
     else:
         dB.zero_()
         dC.zero_()
@@ -608,47 +619,69 @@ _TYPES = dict(fp32='*fp32', bf16='*bf16', fp16='*fp16')
 _INPUTS = ('u', 'delta', 'B', 'C', 'dy')  # in the input dtype; rest fp32
 
 
+# The compile-time flags the package's launch sites pass to the scan
+# kernels (``selective_scan_fwd`` / ``_bwd`` turn their arguments into
+# HAS_BIAS, SOFTPLUS, HAS_D and SCALE_INPUT): VMamba's cross selective scan
+# (step bias, softplus, skip D, input scaled by the step) and the forget
+# gate (none of them; its input scaled by the step or not).
+LAUNCH_FLAGS = {
+    'vmamba': dict(HAS_BIAS=True, SOFTPLUS=True, HAS_D=True,
+                   SCALE_INPUT=True),
+    'gate': dict(HAS_BIAS=False, SOFTPLUS=False, HAS_D=False,
+                 SCALE_INPUT=False),
+    'gate-scaled': dict(HAS_BIAS=False, SOFTPLUS=False, HAS_D=False,
+                        SCALE_INPUT=True),
+}
+
+
 def _kernels():
-    """(kernel, constexprs, warps) for every kernel the host functions
-    launch, with VMamba's options (softplus, bias, D, scaled input)."""
-    flags = dict(HAS_BIAS=True, SOFTPLUS=True)
-    return [
-        (selective_scan_chunk_fwd_kernel,
-         dict(flags, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D, BLOCK_T=BLOCK_T),
-         FWD_WARPS, ''),
-        (selective_scan_carry_kernel,
-         dict(REVERSE=False, BLOCK_R=1, BLOCK_S=CARRY_BLOCK_S), CARRY_WARPS,
-         ''),
-        (selective_scan_carry_kernel,  # the most rows per program
-         dict(REVERSE=True, BLOCK_R=CARRY_MAX_ROWS, BLOCK_S=CARRY_BLOCK_S),
-         CARRY_WARPS, f' R{CARRY_MAX_ROWS}'),
-        (selective_scan_fwd_kernel,
-         dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=FWD_BLOCK_D,
-              BLOCK_T=BLOCK_T), FWD_WARPS, ''),
-        (selective_scan_chunk_bwd_kernel,
-         dict(flags, BLOCK_D=CHUNK_BWD_BLOCK_D, BLOCK_T=BLOCK_T),
-         CHUNK_BWD_WARPS, ''),
-        (selective_scan_bwd_kernel,
-         dict(flags, HAS_D=True, SCALE_INPUT=True, BLOCK_D=BWD_BLOCK_D,
-              BLOCK_T=BLOCK_T), BWD_WARPS, ''),
+    """(kernel, constexprs, warps, label, per-dtype) for every compiled
+    form the host functions launch, each once: the scan kernels once per
+    distinct combination of the flags in :data:`LAUNCH_FLAGS` that they
+    take (a kernel without SCALE_INPUT compiles the same code for both
+    forget-gate rows), with the warps the host picks for it; the carry
+    kernel (fp32 only) both ways and with every row count of
+    :func:`_carry_rows`. Tiles at their largest: shorter sequences and
+    narrower groups launch smaller ones."""
+    out = [(selective_scan_carry_kernel,
+            dict(REVERSE=rev, BLOCK_R=rows, BLOCK_S=CARRY_BLOCK_S),
+            CARRY_WARPS, f'R{rows}{" rev" if rev else ""}', False)
+           for rev in (False, True) for rows in CARRY_ROWS]
+    launched = [
+        (selective_scan_chunk_fwd_kernel, FWD_BLOCK_D, lambda f: FWD_WARPS),
+        (selective_scan_fwd_kernel, FWD_BLOCK_D, lambda f: FWD_WARPS),
+        (selective_scan_chunk_bwd_kernel, CHUNK_BWD_BLOCK_D,
+         lambda f: CHUNK_BWD_WARPS),
+        (selective_scan_bwd_kernel, BWD_BLOCK_D,
+         lambda f: _bwd_warps(f['HAS_D'], f['SOFTPLUS'])),
     ]
+    for fn, block_d, warps in launched:
+        seen = set()
+        for label, flags in LAUNCH_FLAGS.items():
+            own = {k: v for k, v in flags.items() if k in fn.arg_names}
+            if tuple(own.items()) in seen:
+                continue
+            seen.add(tuple(own.items()))
+            out.append((fn, dict(own, BLOCK_D=block_d, BLOCK_T=BLOCK_T),
+                        warps(flags), label, True))
+    return out
 
 
 def report_variants() -> List[KernelVariant]:
-    """Every kernel for u / delta / B / C (and dy) in fp32 / bf16 / fp16 and
-    d_state 1, 4, 16, 32 (N is a run-time loop bound, so the block sizes
-    and the code are the same for every N)."""
+    """Every kernel for u / delta / B / C (and dy) in fp32 / bf16 / fp16
+    (the carry kernel, all fp32, once), each flag combination once (see
+    :func:`_kernels`). The state size N is a run-time loop bound: one
+    compiled kernel serves every N."""
     out = []
-    for dt, ptr in _TYPES.items():
-        for n_state in (1, 4, 16, 32):
-            for fn, const, warps, extra in _kernels():
-                types = {a: ptr if a in _INPUTS else '*fp32'
-                         for a in fn.arg_names}
-                types.update(DCH='i32', L='i32', DG='i32', N='i32',
-                             NSEG='i32', ROWS='i32')
-                out.append(KernelVariant(
-                    fn.__name__, f'{dt} N{n_state}{extra}', fn,
-                    signature(fn, types, const), const, warps))
+    for fn, const, warps, label, per_dtype in _kernels():
+        for dt, ptr in _TYPES.items() if per_dtype else [('fp32', '')]:
+            types = {a: ptr if a in _INPUTS else '*fp32'
+                     for a in fn.arg_names}
+            types.update(DCH='i32', L='i32', DG='i32', N='i32',
+                         NSEG='i32', ROWS='i32')
+            out.append(KernelVariant(
+                fn.__name__, f'{dt} {label}', fn,
+                signature(fn, types, const), const, warps))
     return out
 
 
@@ -660,7 +693,7 @@ def report_launches() -> List[KernelLaunch]:
     channels, groups, n_state, length = 384, 4, 1, 200 * 320
     n_seg = triton.cdiv(length, BLOCK_T)
     for batch in (1, 2):
-        model, detail = f'VMamba-T b{batch}', 'fp32 N1'
+        model, detail = f'VMamba-T b{batch}', 'fp32 vmamba'
         seq = batch * channels * length * 4  # one [B, D_ch, L] fp32 tensor
         bc = batch * groups * n_state * length * 4  # one of B / C
         seg = batch * channels * n_state * n_seg * 4  # one segment tensor
@@ -674,7 +707,7 @@ def report_launches() -> List[KernelLaunch]:
         out += [
             KernelLaunch(model, 'selective_scan_chunk_fwd_kernel', detail,
                          fwd, 2 * seq + bc + 2 * seg),
-            KernelLaunch(model, 'selective_scan_carry_kernel', detail,
+            KernelLaunch(model, 'selective_scan_carry_kernel', 'fp32 R1',
                          carry, 3 * seg),
             KernelLaunch(model, 'selective_scan_fwd_kernel', detail, fwd,
                          3 * seq + 2 * bc + seg),

@@ -55,6 +55,22 @@ class BadSampleLimitError(TrainingStopped):
     """More training images were unreadable than the run allows."""
 
 
+def _restart_hint(work_dir: str, example: bool = False) -> str:
+    """Where a diverged run can go on from, and how."""
+    newest = newest_checkpoint(work_dir)
+    change = ('a lower learning rate (optim_wrapper.optimizer.lr) or '
+              'gradient clipping (optim_wrapper.clip_grad)')
+    if newest is None:
+        return (f'There is no checkpoint in {work_dir} yet: start again '
+                f'with {change}.')
+    hint = f'newest good checkpoint: {newest}. Continue from it with {change}'
+    if example:
+        hint += (', e.g. --cfg-options load_from=<checkpoint> '
+                 'optim_wrapper.optimizer.lr=<lower>; --resume restores the '
+                 "checkpoint's own lr and schedule")
+    return hint + '.'
+
+
 def _resume_hint(work_dir: str) -> str:
     newest = newest_checkpoint(work_dir)
     if newest is None:
@@ -344,12 +360,7 @@ class DivergenceGuardHook(Hook):
                 f'{self.first_bad_iter} to {iteration} (non-finite: '
                 f'{", ".join(self.bad_terms)}); the run is stopped and no '
                 f'checkpoint was written from these weights. '
-                f'{_resume_hint(runner.work_dir)}. Continue from it with a '
-                'lower learning rate (optim_wrapper.optimizer.lr) or '
-                'gradient clipping (optim_wrapper.clip_grad), e.g. '
-                '--cfg-options load_from=<checkpoint> '
-                'optim_wrapper.optimizer.lr=<lower>; --resume restores the '
-                "checkpoint's own lr and schedule.")
+                f'{_restart_hint(runner.work_dir, example=True)}')
             runner.logger.error(message)
             raise DivergenceError(message)
 
@@ -365,9 +376,7 @@ class DivergenceGuardHook(Hook):
             f'training diverged: at iteration {meta.get("iter", runner.iter)}'
             f' {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); the '
             'checkpoint due now was not written and the older ones were '
-            f'kept. {_resume_hint(runner.work_dir)}. Continue from it with '
-            'a lower learning rate (optim_wrapper.optimizer.lr) or gradient '
-            'clipping (optim_wrapper.clip_grad).')
+            f'kept. {_restart_hint(runner.work_dir)}')
         runner.logger.error(message)
         raise DivergenceError(message)
 

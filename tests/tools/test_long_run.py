@@ -27,9 +27,11 @@ from mila_det.hooks import (BadSampleLimitError, CheckpointWriteError,
                             SafeCheckpointHook, SkippedSamplesHook,
                             save_checkpoint_atomically)
 from mila_det.utils.atomic_io import AtomicWriteError, atomic_write
+from mila_det.utils.checkpoint import weights_only_load
 from mila_det.utils.resume import (ResumeError, find_resume_checkpoint,
                                    unreadable_reason)
 from tests.conftest import REPO_ROOT
+from tests.helpers import narrow_heads, tiny_detector_cfg
 
 TOOLS = osp.join(REPO_ROOT, 'tools')
 
@@ -354,94 +356,130 @@ def test_check_dataset_lists_exactly_the_bad_files(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-    """4 training images (2 batches of 2) and 2 validation images; training
-    image 000003.png replaced by random bytes."""
-    root = str(tmp_path_factory.mktemp('shapes')) + '/'
-    make_shapes_coco(root, num_train=4, num_val=2, size=64, seed=1)
+def demo_cfg(tmp_path_factory):
+    """The demo config shrunk to seconds a run (tests/helpers.py: a MILA
+    16 channels wide, FPN and heads 16 wide, 64-pixel images, 6 MB
+    checkpoints) on 6 training images (2 epochs of 3 batches of 2) and 2
+    validation images; training image 000003.png replaced by random
+    bytes. Every iteration is checkpointed and logged, and every detection
+    kept (a few iterations leave all scores below the usual 0.05, and an
+    empty result has no metrics)."""
+    tmp = tmp_path_factory.mktemp('demo')
+    root = str(tmp / 'shapes') + '/'
+    make_shapes_coco(root, num_train=6, num_val=2, size=64, seed=1)
     assert osp.isfile(osp.join(root, 'train', '000003.png'))
     with open(osp.join(root, 'train', '000003.png'), 'wb') as f:
         f.write(os.urandom(800))
-    return root
+    cfg = narrow_heads(tiny_detector_cfg(
+        'demo/mask_rcnn_mila_demo.py', root, '', image_size=64,
+        max_epochs=2), width=16)
+    cfg.train_cfg.val_interval = 2
+    cfg.default_hooks.iter_checkpoint.interval = 1
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    path = str(tmp / 'demo_tiny.py')
+    cfg.dump(path)
+    return path, root
 
 
-DEMO = osp.join(REPO_ROOT, 'configs/demo/mask_rcnn_mila_demo.py')
+# One thread: on a shared 2-core machine OpenMP's spinning threads cost
+# these small runs three times the CPU time. Both runs of a comparison get
+# the same setting.
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
 
 
-def demo_options(root, epochs):
-    """The demo config on ``root``'s data for ``epochs`` epochs of 2
-    iterations, a checkpoint after every iteration, every iteration
-    logged, every detection kept (a few iterations leave all scores below
-    the usual 0.05, and an empty result has no metrics)."""
-    ann_val = osp.join(root, 'annotations/instances_val.json')
-    return [f'train_dataloader.dataset.data_root={root}',
-            f'val_dataloader.dataset.data_root={root}',
-            f'test_dataloader.dataset.data_root={root}',
-            # 64-pixel inputs (the demo resizes to 192)
-            'train_dataloader.dataset.pipeline.2.scale=(64,64)',
-            'val_dataloader.dataset.pipeline.1.scale=(64,64)',
-            f'val_evaluator.ann_file={ann_val}',
-            f'test_evaluator.ann_file={ann_val}',
-            'train_dataloader.batch_size=2',
-            f'train_cfg.max_epochs={epochs}',
-            f'train_cfg.val_interval={epochs}',
-            'default_hooks.iter_checkpoint.interval=1',
-            'default_hooks.logger.interval=1',
-            'model.test_cfg.rcnn.score_thr=0.0']
-
-
-def test_fault_soak_demo_ends_bit_identical(tmp_path, demo_data):
-    """Five faults (kill, kill inside a checkpoint write, kill, full disk,
-    kill + truncated newest checkpoint) with a resume after each: the same
-    final weights and COCO metrics as an uninterrupted run. The corrupt
-    training image is skipped in both runs, warned about once per run and
-    listed at the end of each epoch."""
+def test_fault_soak_demo_ends_bit_identical(tmp_path, demo_cfg):
+    """Five faults at iterations drawn from the seed (kill, kill inside a
+    checkpoint write, kill, full disk, kill + truncated newest checkpoint)
+    with a resume after each: the same final weights and COCO metrics as
+    an uninterrupted run. The corrupt training image is skipped, warned
+    about once and listed at the end of each epoch."""
+    config, root = demo_cfg
     proc = subprocess.run(
-        [sys.executable, osp.join(TOOLS, 'fault_soak.py'), DEMO,
-         '--work-dir', str(tmp_path), '--seed', '0', '--cfg-options',
-         *demo_options(demo_data, epochs=3)],
-        capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+        [sys.executable, osp.join(TOOLS, 'fault_soak.py'), config,
+         '--work-dir', str(tmp_path), '--seed', '0'],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+        env=ONE_THREAD)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    faults = re.findall(r'^fault \d+: (\S+)', proc.stdout, re.M)
-    assert faults == ['kill', 'kill-in-write', 'kill', 'full-disk',
-                      'truncate'], proc.stdout
+    faults = re.findall(r'^fault \d+: (\S+) at iteration (\d+)',
+                        proc.stdout, re.M)
+    assert [kind for kind, _ in faults] == [
+        'kill', 'kill-in-write', 'kill', 'full-disk', 'truncate'], out
+    iterations = [int(n) for _, n in faults]
+    assert iterations == sorted(set(iterations)), proc.stdout
+    assert re.search(r'full-disk at iteration \d+ \(\S+\): exit 1, no '
+                     r'partial file: True, message names /', proc.stdout)
+    assert re.search(r'truncated iter_\d+\.pth: killed: True', proc.stdout)
+    assert 'final run: warning: cannot resume from' in proc.stdout
     assert 'final weights equal bit for bit: True' in proc.stdout
     assert 'COCO metrics equal: True' in proc.stdout
     assert 'soak passed' in proc.stdout
     log = open(glob.glob(str(tmp_path / 'straight' / '*' / '*.log'))[0]
                ).read()
-    bad = osp.join(demo_data, 'train', '000003.png')
+    bad = osp.join(root, 'train', '000003.png')
     assert log.count(f'skipped training image {bad}') == 1
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2):
         assert re.search(rf'epoch {epoch}: 1 training image\(s\) skipped '
                          rf'.*\n.*{re.escape(bad)}', log), epoch
 
 
-def test_divergent_demo_stops_and_keeps_finite_checkpoints(
-        tmp_path, demo_data):
+# Runs tools/train.py once per argument list (argv[1], JSON) in children
+# forked after importing once (tools/fault_soak.py's runner); prints their
+# exit codes and outputs as JSON.
+FORKED_TRAIN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import fault_soak
+fault_soak.preload()
+print(json.dumps([fault_soak.run(args) for args in json.loads(sys.argv[2])]))
+"""
+
+
+def test_divergent_demo_stops_keeps_finite_checkpoints_and_resumes(
+        tmp_path, demo_cfg):
+    """With lr=1000 the run stops within a few iterations of the first
+    non-finite loss, saying so and naming the newest good checkpoint;
+    every checkpoint on disk has finite weights; ``--resume`` continues
+    from the named one. (The guard's rules one by one: the tests above.)"""
+    config, _ = demo_cfg
     work = str(tmp_path / 'work')
-    options = demo_options(demo_data, epochs=3)
+    options = ['--cfg-options', 'optim_wrapper.optimizer.lr=1000.0',
+               'default_hooks.divergence_guard.max_consecutive=3']
     proc = subprocess.run(
-        [sys.executable, osp.join(TOOLS, 'train.py'), DEMO, '--work-dir',
-         work, '--cfg-options', *options,
-         'optim_wrapper.optimizer.lr=1000.0'],
-        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-4000:]
-    message = proc.stderr.strip().splitlines()[-1]
+        [sys.executable, '-c', FORKED_TRAIN, TOOLS, json.dumps([
+            [config, '--work-dir', work, *options],
+            [config, '--work-dir', work, '--resume', *options]])],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+        env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (rc, out), (resumed_rc, resumed) = json.loads(
+        proc.stdout.strip().splitlines()[-1])
+    assert rc == 1, out[-4000:]
+    message = out.strip().splitlines()[-1]
     assert message.startswith('error: training diverged'), out[-4000:]
-    # stopped by the streak of skipped steps or, when the forward already
-    # put NaN into BatchNorm statistics, by the checkpoint due next
-    stop = max(int(n) for n in re.findall(r'iteration (\d+)|to (\d+)',
-                                          message)[-1] if n)
-    first = re.search(r'iteration (\d+): non-finite', out)
-    first = int(first.group(1)) if first else stop
-    assert 0 <= stop - first <= 5, out[-4000:]
-    assert re.search(r'non-finite: [^)]*loss|weight tensors hold NaN/inf',
-                     message), message
-    checkpoints = glob.glob(osp.join(work, '*.pth'))
-    for path in checkpoints:
+    stop = int(re.search(r'to (\d+) \(non-finite: [^)]*loss', message)[1])
+    first = int(re.search(r'iteration (\d+): non-finite', out)[1])
+    assert stop - first == 2, out[-4000:]  # 3 in a row
+    newest = re.search(r'newest good checkpoint: (\S+)\.', message)[1]
+    # the checkpoint of the iteration before the stop (iter_N.pth or, at
+    # an epoch's end, epoch_M.pth, written after it)
+    assert osp.dirname(newest) == work, message
+    assert weights_only_load(newest)['meta']['iter'] == stop - 1, message
+    train_lines = re.findall(r'Epoch\(train\)', out)
+    assert len(train_lines) == stop - 1  # the last one was not logged
+    for path in glob.glob(osp.join(work, '*.pth')):
         assert unreadable_reason(path) is None, path
-    named = re.search(r'newest good checkpoint: (\S+)\.', message)
-    assert (named is None) == (not checkpoints)
+    # --resume: from the named checkpoint, its next iteration first; with
+    # the checkpoint's lr (1000) it stops again, 3 iterations on
+    assert f'Load checkpoint from {newest}\n' in resumed, resumed[-4000:]
+    assert not re.search(r'^warning: ', resumed, re.M), resumed[-4000:]
+    assert f'resumed epoch: {(stop - 1) // 3}, iter: {stop - 1}\n' in resumed
+    first_resumed = re.search(r'iteration (\d+): non-finite', resumed)
+    assert first_resumed and int(first_resumed[1]) == stop, resumed[-4000:]
+    assert resumed_rc == 1, resumed[-4000:]
+    assert resumed.strip().splitlines()[-1].startswith(
+        f'error: training diverged: 3 optimizer steps in a row had a '
+        f'non-finite loss or gradient norm, from iteration {stop} to '
+        f'{stop + 2}'), resumed[-4000:]
+    for path in glob.glob(osp.join(work, '*.pth')):
+        assert unreadable_reason(path) is None, path

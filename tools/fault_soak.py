@@ -29,8 +29,9 @@ The faults are injected by this script around ``tools/train.py`` (in a
 forked copy of itself, or with ``--no-fork`` by re-running itself with
 ``--inject``): the injection never runs in normal training. Its runs
 memoize MMEngine's formatting of the config text (about a second of CPU
-per checkpoint; a pure function, so no checkpoint byte changes). On a small shared machine ``OMP_NUM_THREADS=1`` makes the demo-scale
-runs several times cheaper.
+per checkpoint; a pure function, so no checkpoint byte changes). On a
+small shared machine ``OMP_NUM_THREADS=1`` makes demo-scale runs several
+times cheaper.
 """
 import argparse
 import errno

@@ -144,15 +144,16 @@ for fn in {v.fn for v in ss.report_variants()}:
         return _run(*args, **kwargs)
     fn.run = record
 torch.manual_seed(0)
-x = torch.randn(1, 4, 2, 3, requires_grad=True)
+# longer than one segment (BLOCK_T tokens), so that every kernel launches
+x = torch.randn(1, 4, 9, 15, requires_grad=True)
 params = [torch.randn(4, 2 + 2 * 2, 4) * 0.5, torch.randn(4, 4, 2) * 0.5,
           torch.randn(4, 4) * 0.5, torch.rand(16, 2).add(0.5).log(),
           torch.randn(16)]
 css.triton_cross_selective_scan(x, *params).sum().backward()
 for scale_input in (False, True):
-    q, k = (torch.rand(1, 5, 4) + 0.5 for _ in range(2))
-    v = torch.randn(1, 5, 4, requires_grad=True)
-    delta, A = torch.rand(1, 5, 4) * 0.5 + 0.05, -torch.rand(4, 2) - 0.1
+    q, k = (torch.rand(1, 130, 4) + 0.5 for _ in range(2))
+    v = torch.randn(1, 130, 4, requires_grad=True)
+    delta, A = torch.rand(1, 130, 4) * 0.5 + 0.05, -torch.rand(4, 2) - 0.1
     fg.triton_forget_gate_attention(q, k, v, delta, A, 2,
                                     scale_input=scale_input).sum().backward()
 print(json.dumps(sorted(launched)))

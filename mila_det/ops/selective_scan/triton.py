@@ -10,7 +10,8 @@ along L. Inside a tile the recurrence ``h_t = a_t h_{t-1} + b_t`` is a
 ``(a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2)``, one state index ``n`` at a
 time (a loop over n keeps the registers of a 2-D tile for every N).
 
-Forward, three launches:
+Forward, three launches (one when the sequence fits one segment, which
+starts from zero):
 
 1. ``selective_scan_chunk_fwd_kernel``: every segment's end state from a
    zero start and its total decay, all segments at once;
@@ -31,15 +32,15 @@ dB / dC over a group's channel blocks) are written as per-program partials
 and reduced on the host: deterministic, no atomics. States and gradients
 accumulate in fp32 whatever the input dtype.
 
-Under Triton's interpreter (CPU tests) the in-tile scan runs as the same
-recurrence in numpy (:func:`_interpreted_scan`): the interpreter's generic
-``associative_scan`` calls the combine function once per element. Tile and
-segment sizes are launch parameters (``block_t=`` for tests).
+Tiles follow the shapes: a segment is ``BLOCK_T`` tokens or the sequence
+rounded up to a power of 2 when shorter, a channel block at most the
+group's width rounded up, and the carry scans at most the segment count
+rounded up; so the CPU tests, which run these same kernels in Triton's
+interpreter, run small tiles on their small shapes. ``block_t=`` sets the
+segment length (tests use short ones to get many segments).
 """
-import os
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -85,36 +86,6 @@ def _scan(b_a, b_b, AXIS: tl.constexpr, REVERSE: tl.constexpr):
     """``h_t = a_t h_{t-1} + b_t`` from a zero start along ``AXIS`` (right
     to left when ``REVERSE``): the cumulative ``(prod a, h)``."""
     return tl.associative_scan((b_a, b_b), AXIS, _combine, reverse=REVERSE)
-
-
-def _interpreted_scan(b_a, b_b, axis, reverse):
-    """:func:`_scan` for Triton's interpreter, whose generic scan calls the
-    combine function once per element (minutes per test): the same
-    recurrence, one numpy step per token over the whole tile."""
-    from triton.runtime.interpreter import TensorHandle
-    axis = int(getattr(axis, 'value', axis))
-    reverse = bool(getattr(reverse, 'value', reverse))
-    a = np.moveaxis(b_a.handle.data, axis, 0)
-    b = np.moveaxis(b_b.handle.data, axis, 0)
-    if reverse:
-        a, b = a[::-1], b[::-1]
-    pa, pb = np.empty_like(a), np.empty_like(b)
-    pa[0], pb[0] = a[0], b[0]
-    for t in range(1, a.shape[0]):
-        pa[t] = pa[t - 1] * a[t]
-        pb[t] = a[t] * pb[t - 1] + b[t]
-    if reverse:
-        pa, pb = pa[::-1], pb[::-1]
-    return tuple(
-        tl.core.tensor(TensorHandle(
-            np.ascontiguousarray(np.moveaxis(x, 0, axis)), t.dtype.scalar),
-            t.type) for x, t in ((pa, b_a), (pb, b_b)))
-
-
-# Triton reads TRITON_INTERPRET once, when imported; so does this module.
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
-if INTERPRET:
-    _scan = _interpreted_scan  # noqa: F811
 
 
 @triton.jit
@@ -391,28 +362,26 @@ def selective_scan_bwd_kernel(u, delta, A, B, C, D, delta_bias, starts,
 
 
 def _segments(length: int, block_t: Optional[int]) -> Tuple[int, int]:
-    """Tokens per segment and the number of segments."""
-    block_t = block_t or BLOCK_T
+    """Tokens per segment (``block_t``; by default :data:`BLOCK_T`, or the
+    sequence rounded up to a power of 2 when it is shorter) and the number
+    of segments."""
+    block_t = block_t or min(BLOCK_T, triton.next_power_of_2(length))
     return block_t, triton.cdiv(length, block_t)
 
 
 def _block_d(block_d: int, per_group: int) -> int:
-    """Channels per tile: ``block_d`` (64 in the interpreter, where every
-    program costs), at most the group's width rounded up to a power of 2."""
-    return min(64 if INTERPRET else block_d,
-               triton.next_power_of_2(per_group))
+    """Channels per tile: ``block_d``, at most the group's width rounded up
+    to a power of 2."""
+    return min(block_d, triton.next_power_of_2(per_group))
 
 
 CARRY_MAX_ROWS = 4
-CARRY_ROWS = (1, 2, 4)  # every value of _carry_rows on a GPU
+CARRY_ROWS = (1, 2, 4)  # every value of _carry_rows
 
 
 def _carry_rows(rows: int) -> int:
     """Rows per program of the carry kernel: one, so that even N = 1 at
-    batch 1 spreads over the SMs, and more once there are many rows (all of
-    them in the interpreter, where every program costs)."""
-    if INTERPRET:
-        return min(256, triton.next_power_of_2(rows))
+    batch 1 spreads over the SMs, and more once there are many rows."""
     # At most CARRY_MAX_ROWS: 16 rows x 512 segments spill on sm_90.
     return max(1, min(CARRY_MAX_ROWS, 2 ** ((rows // 4096).bit_length() - 1)
                       if rows >= 4096 else 1))
@@ -472,11 +441,15 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
         return y, ends
     block_d = _block_d(FWD_BLOCK_D, per_group)
     grid = (n_seg, groups * triton.cdiv(per_group, block_d), batch)
-    selective_scan_chunk_fwd_kernel[grid](
-        u, delta, A, B, delta_bias, ends, decays, channels, length,
-        per_group, n_state, n_seg, delta_bias is not None, delta_softplus,
-        scale_input, block_d, block_t, num_warps=FWD_WARPS)
-    starts = _carry(decays, ends, reverse=False)
+    if n_seg == 1:  # the only segment starts from zero
+        starts = ends.zero_()
+    else:
+        selective_scan_chunk_fwd_kernel[grid](
+            u, delta, A, B, delta_bias, ends, decays, channels, length,
+            per_group, n_state, n_seg, delta_bias is not None,
+            delta_softplus, scale_input, block_d, block_t,
+            num_warps=FWD_WARPS)
+        starts = _carry(decays, ends, reverse=False)
     del ends, decays
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, delta_bias, starts, y, channels, length,
@@ -510,16 +483,20 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     dbias = (torch.zeros(batch, n_seg, channels, **f32)
              if delta_bias is not None else du)
     if du.numel():
-        locals_ = torch.empty_like(starts)
-        decays = torch.empty_like(starts)
-        grid = (n_seg, groups * triton.cdiv(per_group, block_d1), batch)
-        selective_scan_chunk_bwd_kernel[grid](
-            delta, A, C, delta_bias, dy, locals_, decays, channels, length,
-            per_group, n_state, n_seg, delta_bias is not None,
-            delta_softplus, block_d1, block_t, num_warps=CHUNK_BWD_WARPS)
+        if n_seg == 1:  # nothing enters the only segment from the right
+            carries = torch.zeros_like(starts)
+        else:
+            locals_ = torch.empty_like(starts)
+            decays = torch.empty_like(starts)
+            grid = (n_seg, groups * triton.cdiv(per_group, block_d1), batch)
+            selective_scan_chunk_bwd_kernel[grid](
+                delta, A, C, delta_bias, dy, locals_, decays, channels,
+                length, per_group, n_state, n_seg, delta_bias is not None,
+                delta_softplus, block_d1, block_t,
+                num_warps=CHUNK_BWD_WARPS)
+            carries = _carry(decays, locals_, reverse=True)
+            del locals_, decays
         grid = (n_seg, groups * n_dblk, batch)
-        carries = _carry(decays, locals_, reverse=True)
-        del locals_, decays
         selective_scan_bwd_kernel[grid](
             u, delta, A, B, C, D, delta_bias, starts, carries, dy, du,
             ddelta, dB, dC, dA, dD, dbias, channels, length, per_group,

@@ -19,7 +19,7 @@ from mila_det.utils.checkpoint import weights_only_load
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from tests.conftest import REPO_ROOT
-from tests.helpers import tiny_detector_cfg
+from tests.helpers import narrow_heads, tiny_detector_cfg
 
 
 def run_tool(*args, cwd, timeout=600, env=None):
@@ -100,24 +100,6 @@ def test_mask_rcnn_mila_t_train_step_and_prediction(shapes_root, tmp_path):
     assert inst.masks.shape[1:] == tuple(preds[0].ori_shape)
 
 
-def _narrow_heads(cfg: Config, width: int = 32) -> Config:
-    """The FPN and the RPN, box and mask heads ``width`` channels wide (box
-    FCs ``2 * width``) instead of MMDetection's 256 (FCs 1024), for the
-    tests that run the tools in subprocesses: at full width each checkpoint
-    (weights and AdamW state) is 240 MB and the mask head most of a step's
-    time. Nothing those tests check depends on the widths."""
-    m = cfg.model
-    m.neck.out_channels = width
-    m.rpn_head.in_channels = m.rpn_head.feat_channels = width
-    m.roi_head.bbox_roi_extractor.out_channels = width
-    m.roi_head.bbox_head.in_channels = width
-    m.roi_head.bbox_head.fc_out_channels = 2 * width
-    m.roi_head.mask_roi_extractor.out_channels = width
-    m.roi_head.mask_head.in_channels = width
-    m.roi_head.mask_head.conv_out_channels = width
-    return cfg
-
-
 TRAIN_PY = osp.join(REPO_ROOT, 'tools/train.py')
 # Runs tools/train.py (the arguments after this script's name) with a hook
 # that SIGKILLs the process once a given iteration has finished and its
@@ -154,7 +136,7 @@ def _resume_test_cfg(shapes_root: str) -> Config:
     """2 epochs of 4 iterations (8 images, 2 a batch), validated at the end,
     iteration checkpoints every 2 iterations (iter_2 ... iter_8); narrow
     heads (8 MB checkpoints)."""
-    cfg = _narrow_heads(tiny_detector_cfg('mask_rcnn_mila_t_1x.py',
+    cfg = narrow_heads(tiny_detector_cfg('mask_rcnn_mila_t_1x.py',
                                           shapes_root, '', max_epochs=2))
     cfg.train_cfg.val_interval = 2
     cfg.default_hooks.iter_checkpoint.interval = 2
@@ -256,7 +238,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(
 
 def test_tools_test_evaluates_a_checkpoint(tmp_path, shapes_root):
     work = str(tmp_path / 'work')
-    cfg = _narrow_heads(
+    cfg = narrow_heads(
         tiny_detector_cfg('mask_rcnn_mila_t_1x.py', shapes_root, work))
     register_all_modules()
     model = MODELS.build(cfg.model)

@@ -27,7 +27,7 @@ from mila_det.utils.checkpoint import CheckpointError
 from mila_det.utils.preflight import check_inputs
 from mila_det.utils.weights import OFFICIAL_FILES, DownloadError
 from tests.conftest import REPO_ROOT
-from tests.helpers import TINY_MILA, tiny_detector_cfg
+from tests.helpers import TINY_MILA, narrow_heads, tiny_detector_cfg
 
 TSINGHUA_PATH = '/f/7a19712877cb4242889c/?dl=1'
 GITHUB_PATH = '/releases/download/%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth'
@@ -283,20 +283,6 @@ def test_preflight_reports_data_and_weights_together(host, tmp_path,
 
 
 # ------------------------------------------------ detector checkpoints
-def _narrow_heads(cfg: Config, width: int = 16) -> Config:
-    """FPN and heads ``width`` wide: a small checkpoint, a quick test."""
-    m = cfg.model
-    m.neck.out_channels = width
-    m.rpn_head.in_channels = m.rpn_head.feat_channels = width
-    m.roi_head.bbox_roi_extractor.out_channels = width
-    m.roi_head.bbox_head.in_channels = width
-    m.roi_head.bbox_head.fc_out_channels = 2 * width
-    m.roi_head.mask_roi_extractor.out_channels = width
-    m.roi_head.mask_head.in_channels = width
-    m.roi_head.mask_head.conv_out_channels = width
-    return cfg
-
-
 def test_detector_checkpoint_by_address_tools_test_and_inferencer(
         host, tmp_path):
     """A checkpoint as MMEngine's runner writes it (``meta`` with the
@@ -313,9 +299,9 @@ def test_detector_checkpoint_by_address_tools_test_and_inferencer(
 
     data_root = str(tmp_path / 'shapes') + '/'
     make_shapes_coco(data_root, num_train=2, num_val=2, size=96, seed=1)
-    cfg = _narrow_heads(tiny_detector_cfg('mask_rcnn_mila_t_1x.py',
+    cfg = narrow_heads(tiny_detector_cfg('mask_rcnn_mila_t_1x.py',
                                           data_root, str(tmp_path / 'work'),
-                                          image_size=96))
+                                          image_size=96), width=16)
     cfg_path = str(tmp_path / 'cfg.py')
     cfg.dump(cfg_path)
     register_all_modules()

@@ -318,15 +318,11 @@ def build(name: str, device):
 
 
 def with_backend(backend: str, fn: Callable):
-    previous = os.environ.get('MILA_DET_BACKEND')
-    os.environ['MILA_DET_BACKEND'] = backend
-    try:
+    """``fn()`` with every operator on ``backend`` (the setting is read
+    once at import, so the environment variable would not switch it)."""
+    from mila_det.ops import use_backend
+    with use_backend(backend):
         return fn()
-    finally:
-        if previous is None:
-            del os.environ['MILA_DET_BACKEND']
-        else:
-            os.environ['MILA_DET_BACKEND'] = previous
 
 
 def check_backbones(report: Report, device) -> None:

@@ -66,6 +66,8 @@ def use_backend(backend: str) -> Iterator[None]:
         yield
     finally:
         BACKEND = previous
+
+
 # Triton reads TRITON_INTERPRET when it is imported, so this module does too.
 TRITON_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 

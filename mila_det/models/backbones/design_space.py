@@ -20,7 +20,7 @@ multiple of 4 and the downsampling layers pad odd grids.
 """
 import copy
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmdet.registry import MODELS
@@ -163,8 +163,9 @@ class AttentionStage(Stage):
             0 without RoPE.
     """
 
-    def __init__(self, blocks, downsample: Optional[nn.Module],
-                 with_cp: bool, rope_width: int) -> None:
+    def __init__(self, blocks: Iterable[nn.Module],
+                 downsample: Optional[nn.Module], with_cp: bool,
+                 rope_width: int) -> None:
         super().__init__(blocks, downsample, with_cp)
         self.rope_width = rope_width
 

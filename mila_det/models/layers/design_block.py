@@ -317,11 +317,13 @@ class LinearAttention(nn.Module):
             qk, v = proj[..., :2 * d], proj[..., 2 * d:]
         else:
             qk, v = self.qk(x), x
-        if self.absolute_pos_embed is not None:
-            q = phi(qk[..., :d])
-            k = phi(qk[..., d:] + self.ape_tokens(hw).to(qk.dtype))
-        else:  # one pass over q and k (in place on a fresh projection)
-            q, k = phi(qk, inplace=not self.project_v).chunk(2, dim=-1)
+        if self.project_v or self.absolute_pos_embed is not None:
+            k = qk[..., d:]
+            if self.absolute_pos_embed is not None:
+                k = k + self.ape_tokens(hw).to(k.dtype)
+            q, k = phi(qk[..., :d]), phi(k)  # each contiguous
+        else:  # one pass over q and k, in place on the fresh projection
+            q, k = phi(qk, inplace=True).chunk(2, dim=-1)
         v_num = v if self.input_gate is None else self.input_gate(x) * v
         if self.use_rope and rope is None:
             rope = rope_table(hw[0], hw[1], d, x.device)

@@ -28,7 +28,7 @@ from mmcv.cnn import build_norm_layer
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .common import LayerNorm2d, TokenLinear
+from .common import LayerNorm2d
 from .fused import can_fold, conv2d_act
 
 
@@ -183,7 +183,7 @@ class PatchMerging2x2(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = TokenLinear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]

@@ -21,6 +21,7 @@ from mila_det.ops.forget_gate import naive_forget_gate_attention
 from mila_det.ops.linear_attention import apply_rope
 from tests.conftest import (REPO_ROOT, official_key_listing,
                             reference_file, shape_string)
+from tests.helpers import narrow_heads
 from tests.models.reference import assert_reproduces
 
 TINY = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
@@ -438,6 +439,13 @@ def test_config_builds_and_takes_a_training_step(path):
                                              row, 'tiny')
     assert cfg.model.neck.in_channels == [96, 192, 384, 768]
     assert cfg.custom_imports.imports == ['mila_det']
+    # Narrow and shallow (full width checks nothing more here, and costs
+    # ~10 s a row): the row's switches, the detector and the step are the
+    # config's own.
+    cfg.model.backbone.arch = dict(embed_dims=32, depths=(1, 1, 1, 1),
+                                   num_heads=(1, 2, 4, 8))
+    cfg.model.neck.in_channels = [32, 64, 128, 256]
+    narrow_heads(cfg, 32)
     frozen = 1 if row == 'baseline' else -1
     cfg.model.backbone.frozen_stages = frozen
     model = MODELS.build(cfg.model)

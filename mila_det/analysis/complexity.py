@@ -51,12 +51,16 @@ def selective_scan_macs(batch: int, length: int, channels: int,
                      "'gu' or 'vim'")
 
 
-def _scan_handle(convention: str, layout: Callable) -> Callable:
+def scan_handle(convention: str, layout: Callable,
+                with_d: bool = True) -> Callable:
+    """An analyzer handle for one of :data:`SCAN_OPS`: reads ``(B, L,
+    channels)`` from ``u`` by ``layout`` and ``N`` from ``A: [channels,
+    N]``; counts the ``D`` term when ``with_d``. Defaults to True."""
     def handle(inputs: List, outputs: List) -> int:
         batch, length, channels = layout(get_shape(inputs[0]))
         d_state = get_shape(inputs[2])[1]
         return selective_scan_macs(batch, length, channels, d_state,
-                                   convention)
+                                   convention, with_d)
     return handle
 
 
@@ -84,7 +88,7 @@ def flop_analyzer(model: nn.Module, inputs, ssm_convention: str = 'gu'
     if ssm_convention not in ('gu', 'vim'):
         raise ValueError(f'unknown SSM FLOP convention {ssm_convention!r}')
     analyzer = _PlainFlopAnalyzer(model, inputs)
-    handles = {op: _scan_handle(ssm_convention, layout)
+    handles = {op: scan_handle(ssm_convention, layout)
                for op, layout in SCAN_OPS.items()}
     handles['aten::baddbmm'] = _baddbmm_handle
     analyzer.set_op_handle(**handles)

@@ -274,11 +274,13 @@ def test_forget_gate_scan_is_counted_analytically():
     with torch.no_grad():
         analyzer = design_space_flop_analyzer(attn, (x, (4, 5)))
         ops = analyzer.by_operator()
-    assert ops['PythonOp.ForgetGateScanFunction'] == forget_gate_macs(
-        1, 20, 12, 4) == 9 * 20 * 12 * 4
+    # the scan, one node of the selective scan's Function, without D
+    assert ops['PythonOp.ChunkSelectiveScanTokensFunction'] == \
+        forget_gate_macs(1, 20, 12, 4) == 9 * 20 * 12 * 4
     # the projections: qkv, and the step's two linears
     assert ops['linear'] == 20 * (12 * 36 + 12 * 1 + 1 * 12)
-    assert set(ops) == {'PythonOp.ForgetGateScanFunction', 'linear'}
+    assert set(ops) == {'PythonOp.ChunkSelectiveScanTokensFunction',
+                        'linear'}
 
 
 def test_design_kwargs_override_the_row():

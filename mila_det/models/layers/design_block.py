@@ -48,48 +48,6 @@ def phi(x: Tensor, inplace: bool = False) -> Tensor:
     return x.add_(1.0) if inplace and not x.requires_grad else x + 1.0
 
 
-class ForgetGateScanFunction(torch.autograd.Function):
-    """The forget-gate scan as one opaque operator, for tracing only.
-
-    The FLOP analyzer traces the model with ``torch.jit``; through this
-    Function the scan shows up as one ``prim::PythonOp.ForgetGateScanFunction``
-    node, which :mod:`mila_det.analysis.design_space` counts analytically
-    (``9 * B * L * C * N``), instead of the chunked algorithm's own einsums.
-    It has no backward: training calls the operator directly.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, delta: Tensor,
-                A: Tensor, num_heads: int, eps: float, normalize: bool,
-                scale_input: bool) -> Tensor:
-        # The tracer would otherwise also record the operator's own nodes
-        # (its inner autograd Functions among them): pause it.
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            return forget_gate_attention(q, k, v, delta, A, num_heads, eps,
-                                         normalize, scale_input)
-        finally:
-            torch._C._set_tracing_state(state)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError('ForgetGateScanFunction is only for tracing; '
-                           'training calls forget_gate_attention')
-
-
-def forget_gate_scan(q: Tensor, k: Tensor, v: Tensor, delta: Tensor,
-                     A: Tensor, num_heads: int, eps: float, normalize: bool,
-                     scale_input: bool) -> Tensor:
-    """:func:`~mila_det.ops.forget_gate.forget_gate_attention`, seen by a
-    tracer as one operator (see :class:`ForgetGateScanFunction`)."""
-    if torch.jit.is_tracing():
-        return ForgetGateScanFunction.apply(q, k, v, delta, A, num_heads,
-                                            eps, normalize, scale_input)
-    return forget_gate_attention(q, k, v, delta, A, num_heads, eps,
-                                 normalize, scale_input)
-
-
 def global_linear_attention(q: Tensor,
                             k: Tensor,
                             v: Tensor,
@@ -204,7 +162,8 @@ class LinearAttention(nn.Module):
         input_gate (bool): Gate the numerator's values by
             ``Delta = softplus(x W1 W2)``. Defaults to False.
         forget_gate (bool): Causal attention whose state decays by
-            ``exp(Delta A)`` (:func:`forget_gate_scan`). Defaults to False.
+            ``exp(Delta A)`` (:func:`~mila_det.ops.forget_gate.
+            forget_gate_attention`). Defaults to False.
         scale_input (bool): With the forget gate, multiply each state input
             by its ``Delta`` as Mamba's kernel does. Defaults to False.
         shortcut (bool): Add ``D * v`` to the attention output.
@@ -364,11 +323,13 @@ class LinearAttention(nn.Module):
         delta = self.forget_gate(x)
         A = -torch.exp(self.A_log)
         if q_num is None:
-            out = forget_gate_scan(q, k, v, delta, A, self.num_heads, eps,
-                                   self.normalize, self.scale_input)
+            out = forget_gate_attention(q, k, v, delta, A, self.num_heads,
+                                        eps, self.normalize,
+                                        self.scale_input)
             return out if self.normalize else out / n
-        out = forget_gate_scan(q_num, k_num, v, delta, A, self.num_heads,
-                               eps, False, self.scale_input)
+        out = forget_gate_attention(q_num, k_num, v, delta, A,
+                                    self.num_heads, eps, False,
+                                    self.scale_input)
         if not self.normalize:
             return out / n
         b, h = q.shape[0], self.num_heads

@@ -7,7 +7,7 @@ initialises as their code does. Addresses served over HTTP are tested in
 test_weights_by_address.py.
 
 The fake checkpoints carry exactly the keys and shapes of the official
-listings in ``../shared/reference/*_official_keys.txt``; tensor ``i`` of a
+listings in ``tests/data/reference/*_official_keys.txt``; tensor ``i`` of a
 file holds the value ``i`` (a one-element tensor expanded to its shape, so
 even a MILA-B file takes a few kilobytes), which shows that every tensor
 lands under its own name.

@@ -5,7 +5,7 @@ NeurIPS 2024), Table 1 "+ forget gate": causal linear attention whose
 per-head state decays by Mamba's ``exp(delta_t A)``, one decay per state
 index and channel; the normaliser is the plain causal key sum. It is a
 selective scan with ``u = v``, ``B = k``, ``C = q`` and groups = heads
-(``../shared/spec/design_space.md`` section 3 item 2).
+(docs/design_space.md states this reading of the paper).
 
 Backends (chosen in :mod:`mila_det.ops._dispatch`): Triton kernels on CUDA
 (:mod:`.triton`), the chunked PyTorch path of :mod:`.chunk` elsewhere, and

@@ -5,8 +5,8 @@ Perspective" (Han et al., NeurIPS 2024), Table 1: causal linear attention
 whose per-head key-value state decays by Mamba's ``exp(delta_t A)``, one
 decay per state index and channel ("Mamba: Linear-Time Sequence Modeling
 with Selective State Spaces", Gu and Dao, 2023). The normaliser is the
-plain causal sum of the keys (not decayed); see
-``../shared/spec/design_space.md`` section 3 item 2.
+plain causal sum of the keys (not decayed), the reading of the paper that
+docs/design_space.md states.
 
 Steps through the sequence one token at a time in fp32 (fp64 for fp64
 inputs): slow, clear, and the ground truth the fast paths are tested

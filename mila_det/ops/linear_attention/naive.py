@@ -2,7 +2,7 @@
 
 MILA: "Demystify Mamba in Vision: A Linear Attention Perspective"
 (Han et al., NeurIPS 2024). The computation is the one the official
-checkpoints were trained with (see ``shared/spec/mila.md``): non-causal
+checkpoints were trained with (the authors' MLLA code): non-causal
 linear attention over all tokens, 2-D rotary position embedding on q and k
 for the numerator, and a normaliser computed from the un-rotated q and k.
 """

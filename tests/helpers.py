@@ -1,5 +1,7 @@
 """Small configs and data shared by the tests."""
+import importlib.util
 import os.path as osp
+from types import ModuleType
 
 from mmengine.config import Config
 
@@ -87,3 +89,14 @@ def narrow_heads(cfg: Config, width: int = 32) -> Config:
     m.roi_head.mask_head.in_channels = width
     m.roi_head.mask_head.conv_out_channels = width
     return cfg
+
+
+def load_tool(path) -> ModuleType:
+    """A script of tools/ (``path`` relative to the repository root, or
+    absolute) imported as a module, for tests that call its functions."""
+    path = osp.join(REPO_ROOT, path)
+    spec = importlib.util.spec_from_file_location(
+        osp.splitext(osp.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """tools/cuda_toolchain.py and the GPU branch of tools/setup_env.sh, on a
 machine without a GPU: a fake ``nvidia-smi`` and fake ``nvcc`` (small shell
 scripts in tmp_path, put on PATH) stand for the GPU machine's."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -11,19 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import load_tool
 
 TOOL = REPO_ROOT / 'tools' / 'cuda_toolchain.py'
 SETUP = REPO_ROOT / 'tools' / 'setup_env.sh'
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('cuda_toolchain', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-tc = load_tool()
+tc = load_tool(TOOL)
 
 
 def _script(path: Path, body: str) -> Path:

@@ -1,21 +1,12 @@
 """The design-space table command and the toy ablation."""
 import csv
-import importlib.util
 import os.path as osp
 
 import pytest
 from torch import nn
 
 from mila_det.datasets import make_shapes_coco
-from tests.conftest import REPO_ROOT
-
-
-def load_tool(path: str):
-    spec = importlib.util.spec_from_file_location(
-        osp.splitext(osp.basename(path))[0], osp.join(REPO_ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_tool
 
 
 @pytest.fixture(scope='module')

@@ -2,7 +2,6 @@
 run them: the operator checks in the Triton interpreter, the refusal without
 CUDA, a failing check's exit status, and an offline install from the wheel
 folder into a fresh environment that has only torch and triton."""
-import importlib.util
 import json
 import math
 import os
@@ -16,15 +15,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, needs_triton
+from tests.helpers import load_tool
 
 TOOL = REPO_ROOT / 'tools' / 'gpu_check.py'
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location('gpu_check', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
@@ -54,7 +48,7 @@ def test_interpreter_run_writes_a_passing_report(tmp_path):
 def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
     """With a tolerance no kernel can meet, every check fails and the exit
     status is 1 (the report still written)."""
-    tool = load_tool()
+    tool = load_tool(TOOL)
     monkeypatch.setitem(tool.TOLERANCES, 'float32', -1.0)
     assert tool.main([str(tmp_path), '--interpret']) == 1
     report = json.loads((tmp_path / 'report.json').read_text())
@@ -134,14 +128,14 @@ def test_help_describes_the_detector_step():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
 def test_probe_finds_no_cuda_ops_in_a_cpu_build_of_mmcv():
     """This machine's mmcv is compiled with its ops, but for CPU only."""
-    ok, why = load_tool().probe_mmcv_cuda_ops()
+    ok, why = load_tool(TOOL).probe_mmcv_cuda_ops()
     assert not ok
     assert 'without CUDA' in why
 
 
 def test_without_cuda_ops_the_report_says_the_detector_cannot_train(
         tmp_path, monkeypatch):
-    tool = load_tool()
+    tool = load_tool(TOOL)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError('detector_step ran without CUDA ops')
@@ -165,7 +159,7 @@ def test_require_detector_turns_the_missing_ops_into_a_failure(
         tmp_path, monkeypatch):
     """main() with every GPU part replaced: only the exit status logic and
     the final report are under test here."""
-    tool = load_tool()
+    tool = load_tool(TOOL)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d: 'fake GPU')
     monkeypatch.setattr(tool, 'ensure_stack', lambda wheels: None)
@@ -209,7 +203,7 @@ def test_detector_steps_run_on_cpu_at_a_small_size():
     """The detector part as on the GPU, on CPU at 64x96 with the two
     configs (shrunk): train.py's --amp set-up (bf16 autocast without CUDA),
     finite losses and detections, one timing per step."""
-    tool = load_tool()
+    tool = load_tool(TOOL)
     report = tool.Report()
     tool.check_detector(report, 'cpu', probe=lambda: (True, 'ops (faked)'),
                         size=(64, 96), warmup=0, repeat=1,
@@ -227,7 +221,7 @@ def test_detector_steps_run_on_cpu_at_a_small_size():
 
 
 def test_detector_step_uses_train_py_amp_and_gives_finite_losses():
-    result = load_tool().detector_step('configs/mask_rcnn_mila_t_1x.py',
+    result = load_tool(TOOL).detector_step('configs/mask_rcnn_mila_t_1x.py',
                                        'cpu', 64, 96, batch=1, warmup=0,
                                        cfg_options=SMALL['MILA-T'])
     assert result['optim_wrapper'] == 'CPUAutocastOptimWrapper'

@@ -2,7 +2,6 @@
 compiles offline for sm_80 and sm_90 without spilling and within the block's
 shared memory, and every stage-1 launch fills a 132-SM GPU twice over."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,10 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT, needs_triton
+from tests.helpers import load_tool
 
 TOOL = REPO_ROOT / 'tools' / 'analysis' / 'kernel_report.py'
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location('kernel_report', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +34,7 @@ def compiled(tmp_path_factory):
 def test_every_variant_compiles_without_spills_within_shared_memory(
         compiled):
     rows, _ = compiled
-    tool = load_tool()
+    tool = load_tool(TOOL)
     expected = {(v.kernel, v.detail) for v in tool.variants()}
     for arch in (80, 90):
         got = {(r['kernel'], r['variant']) for r in rows
@@ -55,7 +49,7 @@ def test_every_variant_compiles_without_spills_within_shared_memory(
 
 @needs_triton()
 def test_every_kernel_family_is_reported():
-    tool = load_tool()
+    tool = load_tool(TOOL)
     kernels = {v.kernel for v in tool.variants()}
     for op in ('cross_scan', 'selective_scan', 'linear_attention'):
         assert any(k.startswith(op) and k.endswith('fwd_kernel')
@@ -71,7 +65,7 @@ def test_every_kernel_family_is_reported():
 def test_stage1_launches_fill_the_gpu_twice():
     """At batch 1, 1x3x800x1280, every stage-1 launch of MILA-T and VMamba-T
     has at least two programs per SM of a 132-SM GPU."""
-    tool = load_tool()
+    tool = load_tool(TOOL)
     models = set()
     for launch in tool.launches():
         models.add(launch.model)
@@ -114,7 +108,7 @@ def test_cross_scan_channel_count_is_never_a_constant():
 def test_every_compiled_form_is_reported_once():
     """No two variants compile the same kernel with the same signature,
     constants and warps (a label alone never makes a variant)."""
-    tool = load_tool()
+    tool = load_tool(TOOL)
     forms = [(v.kernel, tuple(sorted(v.signature.items())),
               tuple(sorted(v.constexprs.items())), v.num_warps, v.num_stages)
              for v in tool.variants()]
@@ -182,7 +176,7 @@ def test_report_compiles_what_every_launch_site_passes():
     assert any(k == 'selective_scan_bwd_kernel'
                and flags == tuple((f, False) for f in FLAGS[:4])
                for k, flags, _ in launched)
-    tool = load_tool()
+    tool = load_tool(TOOL)
     declared = {(v.kernel, tuple((k, v.constexprs[k]) for k in FLAGS
                                  if k in v.constexprs), v.num_warps)
                 for v in tool.variants() if v.detail.startswith('fp32')}

@@ -219,6 +219,9 @@ class _StepGuard:
         self.amp = hasattr(optim_wrapper, 'loss_scaler')
         self.loss_finite: Optional[torch.Tensor] = None
         self.skipped: List[Dict[str, float]] = []  # this iteration's
+        # whether step() was called this iteration (with gradient
+        # accumulation, only every k-th iteration steps)
+        self.stepped = False
         # what the instance held before (MMEngine's parameter schedulers
         # put a step counter there), to restore in restore()
         self.saved = {name: vars(optim_wrapper)[name]
@@ -245,6 +248,7 @@ class _StepGuard:
         self.inner_backward(loss, **kwargs)
 
     def step(self, **kwargs) -> None:
+        self.stepped = True
         loss_ok = self.loss_finite if self.loss_finite is not None else \
             torch.tensor(True)
         self.loss_finite = None
@@ -332,10 +336,12 @@ class DivergenceGuardHook(Hook):
                          data_batch: Optional[Union[dict, tuple, list]] = None,
                          outputs: Optional[dict] = None) -> None:
         skipped = [s for g in self.guards for s in g.skipped]
+        stepped = any(g.stepped for g in self.guards)
         for guard in self.guards:
-            guard.skipped = []
+            guard.skipped, guard.stepped = [], False
         if not skipped:
-            self.streak, self.first_bad_iter, self.bad_terms = 0, None, {}
+            if stepped:  # an iteration that only accumulated says nothing
+                self.streak, self.first_bad_iter, self.bad_terms = 0, None, {}
             return
         iteration = runner.iter + 1
         self.streak += 1

@@ -123,14 +123,14 @@ def main() -> None:
     args = parse_args()
     keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
     cfg = build_config(args)
-    try:
-        check_inputs(cfg, pretrained=not cfg.get('resume'))
-    except FileNotFoundError as err:
-        sys.exit(f'error: {err}')
-    try:
+    try:  # first: with no checkpoint yet, --resume trains from the start
         if args.resume is not None:
             pick_resume_checkpoint(cfg, args.resume)
     except ResumeError as err:
+        sys.exit(f'error: {err}')
+    try:
+        check_inputs(cfg, pretrained=not cfg.get('resume'))
+    except FileNotFoundError as err:
         sys.exit(f'error: {err}')
     init_cpu_distributed(args.launcher)
     if 'runner_type' in cfg:

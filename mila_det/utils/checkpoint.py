@@ -149,12 +149,18 @@ def allowed_globals(extra: Sequence[SafeGlobal] = ()
                     ) -> 'torch.serialization.safe_globals':
     """A block inside which weights-only unpickling accepts MMEngine's
     checkpoint classes (:func:`mmengine_safe_globals`) and ``extra``
-    (classes, functions or their dotted names); torch's list is as before
-    once the block ends."""
+    (classes, functions or their dotted names).
+
+    Once the block ends, torch's allow-list is what it was before: the
+    block adds (and then removes) only entries that were not on it, so
+    classes the user allowed process-wide stay allowed.
+    """
+    present = torch.serialization.get_safe_globals()
     return torch.serialization.safe_globals(
-        [*mmengine_safe_globals(),
-         *(g if isinstance(g, tuple) else _resolve_global(g)
-           for g in extra)])
+        [g for g in (*mmengine_safe_globals(),
+                     *(g if isinstance(g, tuple) else _resolve_global(g)
+                       for g in extra))
+         if g not in present])
 
 
 def weights_only_load(source: Union[str, IO[bytes]],

@@ -119,13 +119,16 @@ def file_name(url: str) -> str:
         return posixpath.basename(fragment)
     if base in OFFICIAL_FILES:
         return OFFICIAL_FILES[base]
-    name = posixpath.basename(urllib.parse.unquote(
-        urllib.parse.urlsplit(base).path))
-    if not name:
+    parts = urllib.parse.urlsplit(base)
+    name = posixpath.basename(urllib.parse.unquote(parts.path))
+    if not name or parts.query:
+        # A query picks the file (``uc?id=...``): addresses that differ
+        # only there would share one cache name.
+        why = ('its path ends in "/"' if not name else
+               f'its query {parts.query!r} picks the file')
         raise ValueError(
-            f'{url} names no file (its path ends in "/"), so it has no name '
-            f'to be cached under: append one as a fragment, e.g. '
-            f"'{base}#model.pth'")
+            f'{url} names no file ({why}), so it has no name to be cached '
+            f"under: append one as a fragment, e.g. '{url}#model.pth'")
     return name
 
 

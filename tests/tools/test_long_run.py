@@ -188,6 +188,23 @@ def test_divergence_guard_skips_non_finite_steps_then_stops(tmp_path):
     assert 'step' not in vars(runner.optim_wrapper)
 
 
+def test_divergence_guard_counts_steps_not_iterations_when_accumulating(
+        tmp_path):
+    """With gradient accumulation only every 2nd iteration steps: the
+    iterations in between must not end the streak of skipped steps."""
+    model = torch.nn.Linear(2, 1)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1),
+                           accumulative_counts=2)
+    wrapper.initialize_count_status(model, 0, 100)
+    runner = FakeRunner(tmp_path, model, wrapper)
+    hook = DivergenceGuardHook(max_consecutive=3)
+    hook.before_train(runner)
+    with pytest.raises(DivergenceError):
+        for _ in range(6):  # 3 steps, all non-finite
+            _step(runner, hook, float('nan'))
+    assert runner.iter == 5  # raised at the 6th iteration, the 3rd step
+
+
 def test_divergence_guard_skips_a_step_with_infinite_gradients(tmp_path):
     runner, hook = _guarded(tmp_path)
     runner.model.weight.register_hook(lambda g: g * float('inf'))

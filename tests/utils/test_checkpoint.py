@@ -388,6 +388,22 @@ def test_mmengine_checkpoint_classes_allowed_only_during_a_load(
         torch.load(path, weights_only=True)
 
 
+def test_a_load_keeps_the_users_own_allow_list_entries(tmp_path):
+    """Classes the user allowed process-wide before a load are still
+    allowed after it, also those among MMEngine's that the load allows
+    for itself."""
+    from mmengine.logging import HistoryBuffer
+    path = save(tmp_path / 'epoch_1.pth', {'state_dict': {'w': torch.ones(2)}})
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([HistoryBuffer])  # the user's
+    try:
+        CheckpointLoader.load_checkpoint(path, map_location='cpu')
+        assert HistoryBuffer in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 # --------------------------------------------------------------- schemes
 @pytest.mark.parametrize('address, scheme', [
     ('torchvision://resnet50', 'torchvision://'),

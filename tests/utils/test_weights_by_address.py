@@ -25,7 +25,7 @@ from mmengine.config import Config
 from mila_det.models.backbones import MILA
 from mila_det.utils.checkpoint import CheckpointError
 from mila_det.utils.preflight import check_inputs
-from mila_det.utils.weights import OFFICIAL_FILES, DownloadError
+from mila_det.utils.weights import OFFICIAL_FILES, DownloadError, file_name
 from tests.conftest import REPO_ROOT
 from tests.helpers import TINY_MILA, narrow_heads, tiny_detector_cfg
 
@@ -334,3 +334,10 @@ def test_detector_checkpoint_by_address_tools_test_and_inferencer(
         osp.join(data_root, 'val')))[0])
     result = inferencer(image, return_datasamples=True)
     assert result['predictions'][0].pred_instances.bboxes.shape[1] == 4
+
+
+def test_an_address_whose_query_picks_the_file_needs_a_name():
+    # Two such addresses would share one cache name ('uc') otherwise.
+    with pytest.raises(ValueError, match='names no file'):
+        file_name('https://example.org/uc?export=download&id=AAA')
+    assert file_name('https://example.org/uc?id=AAA#a.pth') == 'a.pth'

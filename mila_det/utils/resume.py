@@ -28,12 +28,18 @@ class ResumeError(RuntimeError):
 
 def checkpoint_files(work_dir: str) -> List[str]:
     """The ``iter_<n>.pth`` and ``epoch_<e>.pth`` files of ``work_dir``,
-    newest first: the one ``last_checkpoint`` names (if it is there), then
-    the others by modification time, newest first."""
-    found = [p for p in glob.glob(osp.join(work_dir, '*.pth'))
+    and of the folder ``last_checkpoint`` points into when that is another
+    (a checkpoint hook's ``out_dir``), newest first: the one
+    ``last_checkpoint`` names (if it is there), then the others by
+    modification time, newest first."""
+    named = last_checkpoint_entry(work_dir)
+    folders = {osp.abspath(work_dir)}
+    if named is not None and osp.isfile(named):
+        folders.add(osp.dirname(osp.abspath(named)))
+    found = [p for folder in sorted(folders)
+             for p in glob.glob(osp.join(folder, '*.pth'))
              if CHECKPOINT_NAME.match(osp.basename(p)) and osp.isfile(p)]
     found.sort(key=lambda p: os.stat(p).st_mtime_ns, reverse=True)
-    named = last_checkpoint_entry(work_dir)
     if named is not None:
         for path in found:
             if osp.abspath(path) == osp.abspath(named):

@@ -216,6 +216,8 @@ def download(url: str, dst: str, timeout: float = _TIMEOUT_S) -> str:
                     break
                 out.write(chunk)
                 received += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it final
         if expected is not None and received != int(expected):
             raise _failed(url, dst, f'the transfer stopped after {received} '
                           f'of {int(expected)} bytes')

@@ -257,6 +257,22 @@ def test_resume_passes_over_a_truncated_newest_checkpoint(tmp_path):
     assert find_resume_checkpoint(str(tmp_path / 'none'), print) == (None, [])
 
 
+def test_resume_finds_checkpoints_in_the_checkpoint_hooks_out_dir(tmp_path):
+    """With ``default_hooks.checkpoint.out_dir`` the checkpoints live in
+    another folder, which the work dir's ``last_checkpoint`` points into:
+    --resume takes them from there (the newest readable one)."""
+    work_dir, out_dir = tmp_path / 'work', tmp_path / 'out' / 'work'
+    work_dir.mkdir()
+    out_dir.mkdir(parents=True)
+    older, newest = str(out_dir / 'epoch_1.pth'), str(out_dir / 'epoch_2.pth')
+    save_good(older)
+    save_good(newest, float('nan'))
+    (work_dir / 'last_checkpoint').write_text(newest)
+    warnings = []
+    path, skipped = find_resume_checkpoint(str(work_dir), warnings.append)
+    assert path == older and [p for p, _ in skipped] == [newest]
+
+
 # ------------------------------------------------------------- bad samples
 
 

@@ -1,9 +1,10 @@
 """Parameter and FLOP counts in the papers' convention.
 
 One multiply-add counts once (fvcore / MMEngine's analyzer). Convolutions,
-linears and every matmul, including MILA's attention products, are counted
-by MMEngine's :class:`~mmengine.analysis.FlopAnalyzer`; the selective scan,
-a custom operator the tracer cannot see into, is counted analytically:
+linears and every matmul are counted by MMEngine's
+:class:`~mmengine.analysis.FlopAnalyzer`. The operators the tracer cannot
+see into are counted analytically: MILA's attention as its products
+(:func:`linear_attention_macs`), and the selective scan:
 
 * ``gu`` (default, as VMamba's authors count it): ``9 * B * L * D * N``
   for the scan plus ``B * D * L`` for the skip term, with D the channels of
@@ -22,11 +23,11 @@ from torch import nn
 
 from mila_det.models.layers import cpu_fusion
 
-# The scan's autograd Functions, and how to read (B, L, channels) from the
-# shape of their first input ``u``.
+# The scan's ops (one per fast path), and how to read (B, L, channels) from
+# the shape of their first input ``u``.
 SCAN_OPS = {
-    'prim::PythonOp.SelectiveScanFunction': lambda s: (s[0], s[2], s[1]),
-    'prim::PythonOp.ChunkSelectiveScanTokensFunction':  # [B, G, L, Dg]
+    'mila_det::selective_scan_triton': lambda s: (s[0], s[2], s[1]),
+    'mila_det::selective_scan_chunk':  # [B, G, L, Dg]
     lambda s: (s[0], s[2], s[1] * s[3]),
 }
 
@@ -64,6 +65,29 @@ def scan_handle(convention: str, layout: Callable,
     return handle
 
 
+# MILA's linear attention ops (one per fast path); their arguments are
+# ``q, k, v: [B, N, C], num_heads, ...``.
+ATTENTION_OPS = ('mila_det::linear_attention_parallel',
+                 'mila_det::linear_attention_triton')
+
+
+def linear_attention_macs(batch: int, length: int, channels: int,
+                          num_heads: int) -> int:
+    """Multiply-adds of MILA's attention products, as the tracer counts
+    them in the plain composition: ``k^T v`` and ``q kv`` (``B N C d``
+    each, ``d = C / heads``) and the normaliser ``q . mean(k)`` (``B N
+    C``)."""
+    head_dim = channels // num_heads
+    return 2 * batch * length * channels * head_dim + batch * length * \
+        channels
+
+
+def _attention_handle(inputs: List, outputs: List) -> int:
+    batch, length, channels = get_shape(inputs[0])
+    return linear_attention_macs(batch, length, channels,
+                                 inputs[3].toIValue())
+
+
 def _baddbmm_handle(inputs: List, outputs: List) -> int:
     """``baddbmm(bias, x, w)``: the product's multiply-adds, as for addmm
     (the bias add is not counted)."""
@@ -90,6 +114,7 @@ def flop_analyzer(model: nn.Module, inputs, ssm_convention: str = 'gu'
     analyzer = _PlainFlopAnalyzer(model, inputs)
     handles = {op: scan_handle(ssm_convention, layout)
                for op, layout in SCAN_OPS.items()}
+    handles.update({op: _attention_handle for op in ATTENTION_OPS})
     handles['aten::baddbmm'] = _baddbmm_handle
     analyzer.set_op_handle(**handles)
     analyzer.unsupported_ops_warnings(False)

@@ -1,5 +1,5 @@
-"""Deployable backbones: the ``mila_det`` custom ops (values and gradients
-against the references), ``torch.compile`` without graph breaks,
+"""Deployable backbones: the ``mila_det`` custom ops (registration, export
+lowerings, compiled training steps), ``torch.compile`` without graph breaks,
 ``torch.export`` of the full-width backbones, and ONNX round trips through
 onnxruntime (tools/deploy/export_onnx.py)."""
 import importlib.util
@@ -10,11 +10,7 @@ import torch
 
 import mila_det  # noqa: F401  (registers the backbones and the ops)
 from mila_det.models.backbones import MILA, VMamba
-from mila_det.ops._custom_ops import (chunked_recurrence,
-                                      export_cross_selective_scan,
-                                      export_forget_gate_attention,
-                                      export_linear_attention)
-from mila_det.ops.cross_scan.naive import naive_cross_merge, naive_cross_scan
+from mila_det.ops._export import chunked_recurrence, unrolled_recurrence
 from mila_det.ops.cross_selective_scan.naive import naive_cross_selective_scan
 from mila_det.ops.forget_gate import (forget_gate_attention,
                                      naive_forget_gate_attention)
@@ -65,68 +61,158 @@ def grads(out, inputs, weight):
 
 
 # --------------------------------------------------------------------------
-# The ops against the references
+# The ops: registration, export lowerings, compiled training steps
 # --------------------------------------------------------------------------
-def test_linear_attention_op_values_and_grads_match_reference():
-    q, k, v = attention_inputs(requires_grad=True)
-    rope = build_rope_table(7, 9, 16)
-    want = naive_linear_attention(q, k, v, 4, rope)
-    got = OPS.linear_attention(q, k, v, rope, 4, 1e-6)
+def chunk_scan_args(n_state=2, reverse=False, with_d=True):
+    """Token-major scan inputs ``[B, G, L, Dg]`` with a tail chunk."""
+    b, g, length, dg = 2, 2, 11, 3
+    tensors = [torch.randn(b, g, length, dg), torch.rand(b, g, length, dg),
+               -torch.rand(g * dg, n_state) - 0.1,
+               torch.randn(b, g, length, n_state),
+               torch.randn(b, g, length, n_state),
+               torch.randn(g * dg) if with_d else None,
+               torch.randn(g * dg) if with_d else None]
+    tensors = [None if t is None else t.requires_grad_() for t in tensors]
+    return (*tensors, with_d, reverse, with_d)
+
+
+def op_cases():
+    """(id, FastPathOp, args) for every op registered on every machine,
+    and the Triton ones where Triton imports (run by the interpreter)."""
+    from mila_det.ops._export import linear_recurrence
+    from mila_det.ops.linear_attention.parallel import \
+        linear_attention_parallel
+    from mila_det.ops.selective_scan.chunk import selective_scan_chunk
+    rope = build_rope_table(3, 4, 16)
+    cases = [
+        ('linear_attention_parallel', linear_attention_parallel,
+         (*attention_inputs(n=12, requires_grad=True), 4, rope, 1e-6)),
+        ('selective_scan_chunk-N2', selective_scan_chunk, chunk_scan_args()),
+        ('selective_scan_chunk-N1-reverse', selective_scan_chunk,
+         chunk_scan_args(n_state=1, reverse=True)),
+        ('selective_scan_chunk-no-D', selective_scan_chunk,
+         chunk_scan_args(with_d=False)),
+        ('linear_recurrence', linear_recurrence,
+         (torch.rand(6, 3, requires_grad=True),
+          torch.randn(6, 3, requires_grad=True))),
+    ]
+    from mila_det.ops import HAS_TRITON
+    if HAS_TRITON:
+        from mila_det.ops.cross_scan.triton import (cross_merge_triton,
+                                                    cross_scan_triton)
+        from mila_det.ops.linear_attention.triton import \
+            linear_attention_triton
+        from mila_det.ops.selective_scan.triton import selective_scan_triton
+        u = torch.randn(1, 4, 9, requires_grad=True)
+        cases += [
+            ('linear_attention_triton', linear_attention_triton,
+             (*attention_inputs(n=12, requires_grad=True), 4, rope, 1e-6)),
+            ('selective_scan_triton', selective_scan_triton,
+             (u, torch.rand_like(u).requires_grad_(),
+              -torch.rand(4, 2, requires_grad=True),
+              torch.randn(1, 2, 2, 9, requires_grad=True),
+              torch.randn(1, 2, 2, 9, requires_grad=True), None, None, False,
+              True, 4)),
+            ('cross_scan_triton', cross_scan_triton,
+             (torch.randn(1, 2, 3, 4, requires_grad=True), )),
+            ('cross_merge_triton', cross_merge_triton,
+             (torch.randn(1, 4, 2, 12, requires_grad=True), 3, 4)),
+        ]
+    return cases
+
+
+CASES = {case[0]: case for case in op_cases()}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_opcheck(case):
+    """Schema, fake implementation (shapes, dtypes, strides), autograd
+    registration and AOT dispatch of every op, as torch.library checks
+    them."""
+    _, op, args = CASES[case]
+    torch.library.opcheck(op.default, args)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_export_lowering_matches_the_op(case):
+    """What each op lowers to for export (its definition, or the chunked
+    recurrence for the scans) computes the op's output."""
+    from mila_det.ops._op import EXPORT_LOWERINGS
+    _, op, args = CASES[case]
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    with torch.no_grad():
+        want = op(*args)
+        got = EXPORT_LOWERINGS[op.default](*args)
+        got = got[0] if op.residuals else got
+    assert got.shape == want.shape and got.dtype == want.dtype
     assert rel_err(got, want) < 1e-5
-    weight = torch.randn_like(want)
-    for g, w in zip(grads(got, (q, k, v), weight),
-                    grads(want, (q, k, v), weight)):
+
+
+@pytest.mark.parametrize('case', ['linear_attention_parallel',
+                                  'selective_scan_chunk-N2'])
+def test_compiled_training_step_runs_forward_and_backward_once(
+        case, monkeypatch):
+    """A ``torch.compile``d training step (AOT autograd, full graph) calls
+    the path's forward once and its backward once, as eager does: the
+    backward op works from the saved tensors and never re-runs the
+    forward. Its gradients equal eager's."""
+    _, op, args = CASES[case]
+    calls = dict(forward=0, backward=0)
+    forward, backward = op.forward, op.backward
+
+    def counted_forward(*a):
+        calls['forward'] += 1
+        return forward(*a)
+
+    def counted_backward(*a):
+        calls['backward'] += 1
+        return backward(*a)
+
+    monkeypatch.setattr(op, 'forward', counted_forward)
+    monkeypatch.setattr(op, 'backward', counted_backward)
+    tensors = [a for a in args
+               if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def step(*a):
+        return op(*a).square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, backend='aot_eager', fullgraph=True)(*args)
+    got = torch.autograd.grad(loss, tensors)
+    assert calls == dict(forward=1, backward=1)
+    want = torch.autograd.grad(step(*args), tensors)
+    assert calls == dict(forward=2, backward=2)
+    for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
 
 
-def test_cross_selective_scan_op_values_and_grads_match_reference():
-    inputs = scan_inputs(requires_grad=True)
-    want = naive_cross_selective_scan(*inputs)
-    got = OPS.cross_selective_scan(*inputs)
-    assert got.shape == (2, 5, 7, 8) and got.is_contiguous()
-    assert rel_err(got, want) < 1e-5
-    weight = torch.randn_like(want)
-    for g, w in zip(grads(got, inputs, weight), grads(want, inputs, weight)):
-        assert rel_err(g, w) < 1e-4
+def test_mixed_devices_are_refused_by_name():
+    """A tensor on another device would reach the fake (meta) kernel and
+    come back as garbage; the op names it instead."""
+    from mila_det.ops.linear_attention.parallel import \
+        linear_attention_parallel
+    q, k, v = attention_inputs(n=12)
+    with pytest.raises(ValueError, match='v is on meta'):
+        linear_attention_parallel(q, k, v.to('meta'), 4,
+                                  build_rope_table(3, 4, 16), 1e-6)
 
 
-@pytest.mark.parametrize('normalize,scale_input',
-                         [(True, False), (False, True)],
-                         ids=['normalised', 'scaled-input'])
-def test_forget_gate_op_values_and_grads_match_reference(normalize,
-                                                         scale_input):
-    inputs = forget_gate_inputs(requires_grad=True)
-    want = naive_forget_gate_attention(*inputs, 2, 1e-6, normalize,
-                                       scale_input)
-    got = OPS.forget_gate_attention(*inputs, 2, 1e-6, normalize,
-                                    scale_input)
-    assert rel_err(got, want) < 1e-5
-    weight = torch.randn_like(want)
-    for g, w in zip(grads(got, inputs, weight), grads(want, inputs, weight)):
-        assert rel_err(g, w) < 1e-4
-    # compiled, the public function is that one node
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(forget_gate_attention)(
-        *inputs, 2, 1e-6, normalize, scale_input)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert 'mila_det.forget_gate_attention' in str(
-        explained.graphs[0].graph)
-
-
-def test_cross_scan_and_merge_ops_match_reference_and_are_adjoint():
-    x = torch.randn(2, 3, 5, 7, requires_grad=True)
-    y = OPS.cross_scan(x)
-    assert torch.equal(y, naive_cross_scan(x))
-    weight = torch.randn_like(y)
-    (gx, ) = grads(y, (x, ), weight)
-    assert torch.allclose(gx, naive_cross_merge(weight, 5, 7).view_as(x),
-                          atol=1e-6)
-    merged = OPS.cross_merge(y, 5, 7)
-    assert torch.allclose(merged, naive_cross_merge(y, 5, 7))
+def test_export_decompositions_match_reference():
+    """The export module's scan (chunked recurrence, padded tail) against
+    the definitions, through the public functions' compositions."""
+    from mila_det.ops._export import export_selective_scan
+    from mila_det.ops.selective_scan.naive import naive_selective_scan
+    u = torch.randn(2, 6, 37)
+    args = (u, torch.rand_like(u), -torch.rand(6, 3), torch.randn(2, 2, 3, 37),
+            torch.randn(2, 2, 3, 37), torch.randn(6), torch.randn(6))
+    for softplus, scale in ((True, True), (False, False)):
+        assert rel_err(export_selective_scan(*args, softplus, scale),
+                       naive_selective_scan(*args, softplus, scale)) < 1e-5
 
 
 @pytest.mark.parametrize('length', [1, 5, 16, 37], ids=lambda n: f'L{n}')
 def test_chunked_recurrence_matches_the_sequential_one(length):
+    from mila_det.ops._export import linear_recurrence
     a = torch.rand(length, 6, dtype=torch.float64)
     b = torch.randn(length, 6, dtype=torch.float64)
     h, want = torch.zeros(6, dtype=torch.float64), []
@@ -135,63 +221,54 @@ def test_chunked_recurrence_matches_the_sequential_one(length):
         want.append(h)
     want = torch.stack(want)
     assert torch.allclose(chunked_recurrence(a, b), want, atol=1e-12)
-    assert torch.allclose(OPS.linear_recurrence(a, b), want, atol=1e-12)
+    assert torch.allclose(unrolled_recurrence(a, b), want, atol=1e-12)
+    assert torch.allclose(linear_recurrence(a, b), want, atol=1e-12)
 
 
 def test_linear_recurrence_op_gradcheck():
+    from mila_det.ops._export import linear_recurrence
     a = torch.rand(11, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(OPS.linear_recurrence, (a, b))
+    assert torch.autograd.gradcheck(linear_recurrence, (a, b))
 
 
-def test_export_decompositions_match_reference():
-    q, k, v = attention_inputs()
-    rope = build_rope_table(7, 9, 16)
-    assert rel_err(export_linear_attention(q, k, v, rope, 4, 1e-6),
-                   naive_linear_attention(q, k, v, 4, rope)) < 1e-5
-    inputs = scan_inputs(h=9, w=11)  # L = 99: chunks and a padded tail
-    assert rel_err(export_cross_selective_scan(*inputs),
-                   naive_cross_selective_scan(*inputs)) < 1e-5
-    gate = forget_gate_inputs(n=37)
-    for normalize, scale in ((True, False), (False, True)):
-        assert rel_err(
-            export_forget_gate_attention(*gate, 2, 1e-6, normalize, scale),
-            naive_forget_gate_attention(*gate, 2, 1e-6, normalize,
-                                        scale)) < 1e-5
-
-
-@pytest.mark.parametrize('name', ['linear_attention', 'cross_selective_scan',
-                                  'cross_scan', 'cross_merge',
-                                  'linear_recurrence',
-                                  'forget_gate_attention'])
-def test_opcheck(name):
-    """Schema, fake implementation, autograd registration and AOT dispatch
-    of every op, as torch.library checks them."""
-    if name == 'linear_attention':
-        args = (*attention_inputs(n=12, requires_grad=True),
-                build_rope_table(3, 4, 16), 4, 1e-6)
-    elif name == 'cross_selective_scan':
-        args = tuple(scan_inputs(b=1, h=3, w=4, requires_grad=True))
-    elif name == 'cross_scan':
-        args = (torch.randn(1, 2, 3, 4, requires_grad=True), )
-    elif name == 'cross_merge':
-        args = (torch.randn(1, 4, 2, 12, requires_grad=True), 3, 4)
-    elif name == 'forget_gate_attention':
-        args = (*forget_gate_inputs(b=1, n=5, requires_grad=True), 2, 1e-6,
-                True, False)
-    else:
-        args = (torch.rand(6, 3, requires_grad=True),
-                torch.randn(6, 3, requires_grad=True))
-    torch.library.opcheck(getattr(OPS, name).default, args)
+@pytest.mark.parametrize('normalize,scale_input',
+                         [(True, False), (False, True)],
+                         ids=['normalised', 'scaled-input'])
+def test_forget_gate_compiles_without_graph_breaks(normalize, scale_input):
+    """The public function under ``torch.compile``: one graph around the
+    scan's op, the same values and gradients as the definition."""
+    inputs = forget_gate_inputs(requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forget_gate_attention)(
+        *inputs, 2, 1e-6, normalize, scale_input)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert 'mila_det.selective_scan_chunk' in str(
+        explained.graphs[0].graph)
+    torch._dynamo.reset()
+    compiled = torch.compile(forget_gate_attention, backend='aot_eager',
+                             fullgraph=True)
+    got = compiled(*inputs, 2, 1e-6, normalize, scale_input)
+    want = naive_forget_gate_attention(*inputs, 2, 1e-6, normalize,
+                                       scale_input)
+    assert rel_err(got, want) < 1e-5
+    weight = torch.randn_like(want)
+    for g, w in zip(grads(got, inputs, weight), grads(want, inputs, weight)):
+        assert rel_err(g, w) < 1e-4
 
 
 # --------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------
+# The op each block runs on the CPU, and how many per block.
+BLOCK_OPS = dict(mila=('linear_attention_parallel', 1),
+                 vmamba=('selective_scan_chunk', 2))
+
+
 @pytest.mark.parametrize('name', ['mila', 'vmamba'])
-def test_compile_has_no_graph_breaks_and_one_node_per_op(name):
+def test_compile_has_no_graph_breaks_and_ops_stay_nodes(name):
     """``torch._dynamo.explain`` counts no graph break; the one graph
-    holds each block's operator as one ``mila_det`` node and, compiled,
+    holds each block's fast path as ``mila_det`` nodes and, compiled,
     computes the eager outputs."""
     model = tiny_backbone(name).eval()
     x = torch.randn(1, 3, 50, 70)
@@ -213,12 +290,12 @@ def test_compile_has_no_graph_breaks_and_one_node_per_op(name):
         want = model(x)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
-    op = (OPS.linear_attention.default if name == 'mila' else
-          OPS.cross_selective_scan.default)
+    op_name, per_block = BLOCK_OPS[name]
+    op = getattr(OPS, op_name)
     nodes = [n for n in graphs[0].graph.nodes
              if n.op == 'call_function' and 'mila_det' in str(n.target)]
-    assert len(nodes) == 4, [str(n.target) for n in nodes]  # one per block
-    assert all(n.target in (op, op.overloadpacket) for n in nodes)
+    assert len(nodes) == 4 * per_block, [str(n.target) for n in nodes]
+    assert all(n.target in (op, op.default) for n in nodes)
 
 
 def test_compiled_ops_match_reference_gradients():
@@ -260,10 +337,10 @@ def test_torch_export_full_width_backbone(name):
     x = torch.randn(1, 3, 224, 320)
     with torch.no_grad():
         program = torch.export.export(model, (x, ))
-    op = (OPS.linear_attention.default if name == 'mila' else
-          OPS.cross_selective_scan.default)
+    op_name, per_block = BLOCK_OPS[name]
+    op = getattr(OPS, op_name).default
     count = sum(n.target == op for n in program.graph.nodes)
-    assert count == sum(model.arch_settings['depths'])
+    assert count == per_block * sum(model.arch_settings['depths'])
 
 
 # --------------------------------------------------------------------------

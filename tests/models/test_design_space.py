@@ -14,9 +14,9 @@ from mila_det.analysis.design_space import (design_space_flop_analyzer,
 from mila_det.models.backbones.design_space import (
     DESIGN_ROWS, MILA_DESIGN, PUBLISHED, LinearAttentionTransformer,
     resolve_switches)
-from mila_det.models.layers.design_block import (LinearAttention,
-                                                 global_linear_attention, phi)
+from mila_det.models.layers.design_block import LinearAttention, phi
 from mila_det.ops import rope_table
+from mila_det.ops.linear_attention.naive import global_linear_attention
 from mila_det.ops.forget_gate import naive_forget_gate_attention
 from mila_det.ops.linear_attention import apply_rope
 from tests.conftest import (REPO_ROOT, official_key_listing,
@@ -274,13 +274,12 @@ def test_forget_gate_scan_is_counted_analytically():
     with torch.no_grad():
         analyzer = design_space_flop_analyzer(attn, (x, (4, 5)))
         ops = analyzer.by_operator()
-    # the scan, one node of the selective scan's Function, without D
-    assert ops['PythonOp.ChunkSelectiveScanTokensFunction'] == \
+    # the scan, one node of the selective scan's op, without D
+    assert ops['selective_scan_chunk'] == \
         forget_gate_macs(1, 20, 12, 4) == 9 * 20 * 12 * 4
     # the projections: qkv, and the step's two linears
     assert ops['linear'] == 20 * (12 * 36 + 12 * 1 + 1 * 12)
-    assert set(ops) == {'PythonOp.ChunkSelectiveScanTokensFunction',
-                        'linear'}
+    assert set(ops) == {'selective_scan_chunk', 'linear'}
 
 
 def test_design_kwargs_override_the_row():

@@ -1,7 +1,6 @@
-"""MILA-specific behaviour: the official fixture, the RoPE cache, the
+"""MILA-specific behaviour: the official fixture, the
 authors' keywords and their ImageNet checkpoint layout (shared behaviour is
 in test_backbones_common.py)."""
-import importlib
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, MLLA
 from mila_det.models.layers import ConvLayer, TokenLinear, dwconv_tokens
-from mila_det.ops import rope_table
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
 from tests.models.reference import assert_reproduces
@@ -46,54 +44,13 @@ def test_arch_names_and_errors():
         MILA(arch=dict(depths=(1, 1, 1, 1)))
 
 
-def test_rope_table_is_cached_and_reused():
-    """One table per stage grid, shared by all blocks and later calls."""
-    la = importlib.import_module('mila_det.ops.linear_attention')
-    la.ROPE_CACHE.clear()
-    model = MILA(arch=dict(embed_dims=16, depths=(2, 2, 2, 2),
-                           num_heads=(1, 1, 1, 1))).eval()
-    with torch.no_grad():
-        model(torch.randn(1, 3, 40, 56))
-        model(torch.randn(1, 3, 40, 56))
-    assert (la.ROPE_CACHE.misses, la.ROPE_CACHE.hits) == (4, 4)
-    assert rope_table(10, 14, 16) is rope_table(10, 14, 16)
-
-
-def test_rope_cache_is_bounded_and_multiscale_training_does_not_thrash():
-    """Multi-scale training: COCO's 3x recipe resizes the short side to one
-    of 11 sizes (480..800), batches padded to a multiple of 32. Cycling
-    through those grids twice misses once per grid and stage (nothing
-    evicted inside the budget); a budget of a few tables evicts the oldest
-    and stays within its bytes."""
-    la = importlib.import_module('mila_det.ops.linear_attention')
-    grids = [(-(-short // 32) * 8, -(-(short * 5 // 3) // 32) * 8)
-             for short in range(480, 801, 32)]
-    cache = la.RopeTableCache()
-    for _ in range(2):
-        for h, w in grids:
-            for stage in range(4):
-                cache.get(-(-h // 2**stage), -(-w // 2**stage),
-                          64 * 2**stage, torch.device('cpu'))
-    assert cache.misses == 4 * len(grids)
-    assert cache.hits == 4 * len(grids)
-    small = la.RopeTableCache(max_bytes=40 * 2**20)  # a few stage-1 tables
-    for h, w in grids:
-        small.get(h, w, 64, torch.device('cpu'))
-        assert small.nbytes <= small.max_bytes
-    assert 0 < len(small.tables) < len(grids)
-    h, w = grids[-1]
-    assert (h, w, 64, torch.device('cpu')) in small.tables  # the newest
-
-
-def test_rope_table_from_inference_mode_usable_in_training():
-    """A table cached during inference_mode is a normal tensor: a training
-    step that reuses it runs its backward and every parameter gets a
+def test_training_step_after_inference_mode():
+    """A training step right after an inference_mode forward (validation
+    inside training) runs its backward and every parameter gets a
     gradient (an inference tensor saved for backward would raise)."""
     model = mini_mila()
     with torch.inference_mode():
         model.eval()(torch.randn(1, 3, 40, 56))
-    table = rope_table(10, 14, 16)
-    assert not table.is_inference()
     model.train()
     outs = model(torch.randn(1, 3, 40, 56))
     sum(o.sum() for o in outs).backward()
@@ -200,12 +157,3 @@ def test_conv_layer_folds_batchnorm_in_eval():
     layer.train()
     out = layer(x)  # batch statistics, running stats updated
     assert not torch.allclose(out, want)
-
-
-def test_a_table_over_the_budget_is_not_cached_and_evicts_nothing():
-    la = importlib.import_module('mila_det.ops.linear_attention')
-    cache = la.RopeTableCache(max_bytes=40_000)
-    small = [cache.get(5, 5, 16, torch.device('cpu')) for _ in range(2)]
-    assert len(cache.tables) == 1 and small[0] is small[1]
-    big = cache.get(50, 50, 16, torch.device('cpu'))  # 160 KB
-    assert big.shape == (2500, 8, 2) and len(cache.tables) == 1

@@ -4,8 +4,8 @@ against PyTorch with onnxruntime.
     python tools/deploy/export_onnx.py configs/mask_rcnn_mila_t_1x.py \\
         [--checkpoint FILE] [--shape H W] [--dynamic] [--neck] [--out FILE]
 
-The model is captured with ``torch.export`` (the ``mila_det`` operators are
-one node each, see ``mila_det/ops/_custom_ops.py``), the operators are
+The model is captured with ``torch.export`` (each ``mila_det`` fast path is
+one node, see ``mila_det/ops/_op.py``), the operators are
 decomposed into plain PyTorch (``export_decompositions``), the chunk
 recurrence of the VMamba scan is lowered to an ONNX ``Scan``
 (:func:`mila_det_linear_recurrence`), and ``torch.onnx.export(dynamo=True)``
@@ -146,7 +146,7 @@ def export_program(model: nn.Module, x: Tensor,
                    dynamic: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` on ``x``, the ``mila_det`` ops then
     decomposed into plain PyTorch (only the chunk recurrence stays)."""
-    from mila_det.ops._custom_ops import export_decompositions
+    from mila_det.ops._export import export_decompositions
     if dynamic and (x.shape[-2] % SIZE_DIVISOR or x.shape[-1] % SIZE_DIVISOR
                     or min(x.shape[-2:]) < 2 * SIZE_DIVISOR):
         raise ValueError(f'--dynamic exports at a size that is a multiple of '

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from mila_det.ops import linear_attention, rope_table
 from mila_det.ops.forget_gate import forget_gate_attention
+from mila_det.ops.forget_gate.naive import causal_normaliser
+from mila_det.ops.linear_attention.naive import global_linear_attention
 from mila_det.ops.linear_attention.parallel import rotate
 from .common import (Mlp, TokenLinear, dwconv_tokens, init_mamba_decay,
                      init_mamba_step)
@@ -46,62 +48,6 @@ def phi(x: Tensor, inplace: bool = False) -> Tensor:
     """
     x = F.elu(x, inplace=inplace)
     return x.add_(1.0) if inplace and not x.requires_grad else x + 1.0
-
-
-def global_linear_attention(q: Tensor,
-                            k: Tensor,
-                            v: Tensor,
-                            num_heads: int,
-                            normalize: bool = True,
-                            eps: float = 1e-6,
-                            q_num: Optional[Tensor] = None,
-                            k_num: Optional[Tensor] = None,
-                            v_num: Optional[Tensor] = None) -> Tensor:
-    """Non-causal multi-head linear attention over all tokens, in fp32.
-
-    Per head: ``y_i = q'_i . sum_j k'_j^T v'_j / (q_i . sum_j k_j + eps)``,
-    where the primed tensors are those of the numerator (``q_num``,
-    ``k_num``, ``v_num``; the rotated queries and keys with RoPE, the gated
-    values with the input gate) and default to ``q``, ``k``, ``v``. Without
-    ``normalize``: ``y_i = q'_i . (sum_j k'_j^T v'_j) / N``.
-
-    Args:
-        q (Tensor): Queries after ``elu + 1``, ``[B, N, h * dk]``.
-        k (Tensor): Keys after ``elu + 1``, ``[B, N, h * dk]``.
-        v (Tensor): Values, ``[B, N, h * dv]``.
-        num_heads (int): Number of heads h.
-        normalize (bool): Divide by ``q . sum(k)``; otherwise by N.
-            Defaults to True.
-        eps (float): Added to the normaliser. Defaults to 1e-6.
-        q_num (Tensor, optional): Numerator queries, like ``q``.
-        k_num (Tensor, optional): Numerator keys, like ``k``.
-        v_num (Tensor, optional): Numerator values, like ``v``.
-
-    Returns:
-        Tensor: ``[B, N, h * dv]`` in ``q``'s dtype.
-    """
-    b, n, c_qk = q.shape
-    c_v = v.shape[-1]
-    h = num_heads
-    d_k, d_v = c_qk // h, c_v // h
-    q_num = q if q_num is None else q_num
-    k_num = k if k_num is None else k_num
-    v_num = v if v_num is None else v_num
-    with torch.autocast(q.device.type, enabled=False):  # sums stay fp32
-        ct = torch.promote_types(q.dtype, torch.float32)
-
-        def heads(t: Tensor, d: int) -> Tensor:  # [B, h, N, d], a view
-            return t.to(ct).view(b, n, h, d).transpose(1, 2)
-
-        kv = heads(k_num, d_k).transpose(-2, -1) @ heads(v_num, d_v)
-        out = heads(q_num, d_k) @ kv  # [B, h, N, dv]
-        if normalize:
-            k_sum = heads(k, d_k).sum(2, keepdim=True)  # [B, h, 1, dk]
-            den = heads(q, d_k) @ k_sum.transpose(-2, -1)  # [B, h, N, 1]
-            out = out / (den + eps)
-        else:
-            out = out / n
-        return out.transpose(1, 2).reshape(b, n, c_v).to(q.dtype)
 
 
 class StepSize(nn.Module):
@@ -333,13 +279,10 @@ class LinearAttention(nn.Module):
         if not self.normalize:
             return out / n
         b, h = q.shape[0], self.num_heads
-        d_k = self.qk_dim // h
         with torch.autocast(q.device.type, enabled=False):
             ct = torch.promote_types(q.dtype, torch.float32)
-            z = k.to(ct).cumsum(1).view(b, n, h, d_k)
-            den = (q.to(ct).view(b, n, h, d_k) * z).sum(-1)
-            out = out.to(ct).view(b, n, h, self.dim // h) / (
-                den.unsqueeze(-1) + eps)
+            den = causal_normaliser(q, k, h, eps, ct)
+            out = out.to(ct).view(b, n, h, self.dim // h) / den
         return out.reshape(b, n, self.dim).to(q.dtype)
 
     def extra_repr(self) -> str:

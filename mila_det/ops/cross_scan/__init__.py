@@ -7,7 +7,6 @@ is chosen in :mod:`mila_det.ops._dispatch`.
 """
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .._dispatch import dispatch
@@ -18,13 +17,15 @@ __all__ = ['cross_scan', 'cross_merge', 'naive_cross_scan',
 
 
 def triton_cross_scan(x: Tensor) -> Tensor:
-    from .triton import CrossScanFunction
-    return CrossScanFunction.apply(x)
+    """The Triton kernel (imported on first use)."""
+    from .triton import cross_scan_triton
+    return cross_scan_triton(x)
 
 
 def triton_cross_merge(y: Tensor, height: int, width: int) -> Tensor:
-    from .triton import CrossMergeFunction
-    return CrossMergeFunction.apply(y, height, width)
+    """The Triton kernel (imported on first use)."""
+    from .triton import cross_merge_triton
+    return cross_merge_triton(y, height, width)
 
 
 # The reference is also the PyTorch path (it is a few views and one copy).
@@ -40,9 +41,6 @@ def cross_scan(x: Tensor, backend: Optional[str] = None) -> Tensor:
     if x.dim() != 4:
         raise ValueError(f'cross_scan expects [B, C, H, W], got '
                          f'{tuple(x.shape)}')
-    if torch.compiler.is_compiling():
-        # One node for torch.compile / torch.export (see ops/_custom_ops).
-        return torch.ops.mila_det.cross_scan(x, backend)
     return dispatch('cross_scan', x, backend, SCAN_IMPLS)(x)
 
 
@@ -52,6 +50,4 @@ def cross_merge(y: Tensor, height: int, width: int,
     if y.dim() != 4 or y.shape[1] != 4 or y.shape[-1] != height * width:
         raise ValueError(f'cross_merge expects [B, 4, C, {height * width}], '
                          f'got {tuple(y.shape)}')
-    if torch.compiler.is_compiling():
-        return torch.ops.mila_det.cross_merge(y, height, width, backend)
     return dispatch('cross_merge', y, backend, MERGE_IMPLS)(y, height, width)

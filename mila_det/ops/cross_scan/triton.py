@@ -3,16 +3,16 @@
 One program moves one ``BLOCK_H x BLOCK_W`` tile of one channel of one image
 between the map ``[B, C, H, W]`` and the four sequences ``[B, 4, C, L]``.
 """
-from typing import List
+from typing import List, Tuple
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._guard import device_guard
+from .._op import FastPathOp
 from .._report import KernelLaunch, KernelVariant, signature
+from .naive import naive_cross_merge, naive_cross_scan
 
 
 # C is never specialised to a constant (Triton does so for 1), since the
@@ -94,33 +94,43 @@ def cross_scan_bwd(y: Tensor, h: int, w: int, block: int = 32) -> Tensor:
     return x
 
 
-class CrossScanFunction(torch.autograd.Function):
-    """Cross scan; its backward is the merge."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.hw = x.shape[-2:]
-        return cross_scan_fwd(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor):
-        return cross_scan_bwd(dy, *ctx.hw)
+def _scan_forward(x: Tensor) -> Tuple[Tensor, tuple]:
+    return cross_scan_fwd(x), ()
 
 
-class CrossMergeFunction(torch.autograd.Function):
-    """Cross merge ``[B, 4, C, L] -> [B, C, L]``; its backward is the scan."""
+def _scan_backward(dy: Tensor, saved: List[Tensor], x: Tensor) -> tuple:
+    return (cross_scan_bwd(dy, x.shape[2], x.shape[3]), )
 
-    @staticmethod
-    def forward(ctx, y: Tensor, h: int, w: int) -> Tensor:
-        ctx.hw = (h, w)
-        return cross_scan_bwd(y, h, w).flatten(2)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dx: Tensor):
-        h, w = ctx.hw
-        return cross_scan_fwd(dx.reshape(*dx.shape[:2], h, w)), None, None
+def _scan_fake(x: Tensor) -> Tuple[Tensor, tuple]:
+    b, c, h, w = x.shape
+    return x.new_empty(b, 4, c, h * w), ()
+
+
+def _merge_forward(y: Tensor, height: int,
+                   width: int) -> Tuple[Tensor, tuple]:
+    x = cross_scan_bwd(y, height, width)
+    return x.view(x.shape[0], x.shape[1], height * width), ()
+
+
+def _merge_backward(dx: Tensor, saved: List[Tensor], y: Tensor,
+                    height: int, width: int) -> tuple:
+    b, c = dx.shape[:2]
+    return (cross_scan_fwd(dx.reshape(b, c, height, width)), )
+
+
+def _merge_fake(y: Tensor, height: int, width: int) -> Tuple[Tensor, tuple]:
+    return y.new_empty(y.shape[0], y.shape[2], height * width), ()
+
+
+# Each is the other's adjoint, so each one's backward is the other kernel.
+cross_scan_triton = FastPathOp('cross_scan_triton', _scan_forward,
+                               _scan_backward, _scan_fake, grads_for=('x', ),
+                               definition=naive_cross_scan)
+cross_merge_triton = FastPathOp('cross_merge_triton', _merge_forward,
+                                _merge_backward, _merge_fake,
+                                grads_for=('y', ),
+                                definition=naive_cross_merge)
 
 
 def report_variants() -> List[KernelVariant]:

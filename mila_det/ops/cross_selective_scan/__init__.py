@@ -17,7 +17,7 @@ from .chunk import chunk_cross_selective_scan
 from .naive import naive_cross_selective_scan
 
 __all__ = ['cross_selective_scan', 'naive_cross_selective_scan',
-           'chunk_cross_selective_scan', 'dispatch_cross_selective_scan']
+           'chunk_cross_selective_scan']
 
 
 def triton_cross_selective_scan(*args: Tensor) -> Tensor:
@@ -82,22 +82,6 @@ def cross_selective_scan(x: Tensor,
         if tuple(t.shape) != expected[name]:
             raise ValueError(f'cross_selective_scan: {name} must be '
                              f'{list(expected[name])}, got {tuple(t.shape)}')
-    if torch.compiler.is_compiling():
-        # One node for torch.compile / torch.export (see ops/_custom_ops).
-        return torch.ops.mila_det.cross_selective_scan(
-            x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-            backend)
-    return dispatch_cross_selective_scan(x, x_proj_weight, dt_projs_weight,
-                                         dt_projs_bias, A_logs, Ds, backend)
-
-
-def dispatch_cross_selective_scan(x: Tensor, x_proj_weight: Tensor,
-                                  dt_projs_weight: Tensor,
-                                  dt_projs_bias: Tensor, A_logs: Tensor,
-                                  Ds: Tensor,
-                                  backend: Optional[str] = None) -> Tensor:
-    """:func:`cross_selective_scan` on checked inputs: the implementation
-    :mod:`~mila_det.ops._dispatch` picks, run eagerly."""
     fp64 = ('float64 parameters' if torch.float64 in (x.dtype, A_logs.dtype)
             else None)
     run = dispatch('cross_selective_scan', x, backend, IMPLS, fp64)

@@ -4,7 +4,7 @@
 (:mod:`.naive`)."""
 from torch import Tensor
 
-from ..cross_scan.triton import CrossMergeFunction, CrossScanFunction
+from ..cross_scan.triton import cross_merge_triton, cross_scan_triton
 from ..selective_scan.triton import triton_selective_scan
 from .naive import compose_cross_selective_scan
 
@@ -17,5 +17,4 @@ def triton_cross_selective_scan(x: Tensor, x_proj_weight: Tensor,
     :func:`~.naive.naive_cross_selective_scan`."""
     return compose_cross_selective_scan(
         x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-        CrossScanFunction.apply, triton_selective_scan,
-        CrossMergeFunction.apply)
+        cross_scan_triton, triton_selective_scan, cross_merge_triton)

@@ -23,8 +23,7 @@ from .chunk import chunk_forget_gate_attention
 from .naive import naive_forget_gate_attention
 
 __all__ = ['forget_gate_attention', 'naive_forget_gate_attention',
-           'chunk_forget_gate_attention', 'dispatch_forget_gate_attention',
-           'IMPLS']
+           'chunk_forget_gate_attention', 'IMPLS']
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -131,22 +130,6 @@ def forget_gate_attention(q: Tensor,
         Tensor: ``[B, L, H * dv]`` in ``q``'s dtype.
     """
     _check(q, k, v, delta, A, num_heads)
-    if torch.compiler.is_compiling():
-        # One node for torch.compile / torch.export (see ops/_custom_ops).
-        return torch.ops.mila_det.forget_gate_attention(
-            q, k, v, delta, A, num_heads, eps, normalize, scale_input,
-            backend)
-    return dispatch_forget_gate_attention(q, k, v, delta, A, num_heads, eps,
-                                          normalize, scale_input, backend)
-
-
-def dispatch_forget_gate_attention(q: Tensor, k: Tensor, v: Tensor,
-                                   delta: Tensor, A: Tensor, num_heads: int,
-                                   eps: float, normalize: bool,
-                                   scale_input: bool,
-                                   backend: Optional[str]) -> Tensor:
-    """:func:`forget_gate_attention` on checked inputs: the implementation
-    :mod:`~mila_det.ops._dispatch` picks, run eagerly."""
     unsupported = None
     if any(t.dtype == torch.float64 for t in (q, k, v, delta, A)):
         unsupported = 'float64 inputs'

@@ -6,7 +6,7 @@ checkpoints were trained with (the authors' MLLA code): non-causal
 linear attention over all tokens, 2-D rotary position embedding on q and k
 for the numerator, and a normaliser computed from the un-rotated q and k.
 """
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -15,8 +15,8 @@ from torch import Tensor
 def build_rope_table(height: int,
                      width: int,
                      channels: int,
-                     base: float = 10000.0,
-                     device: Union[torch.device, str, None] = None) -> Tensor:
+                     device: Union[torch.device, str, None] = None,
+                     base: float = 10000.0) -> Tensor:
     """Cosines and sines of the 2-D RoPE angles on a ``height x width`` grid.
 
     Channel pair ``p`` (channels ``2p`` and ``2p+1``) is rotated by
@@ -28,8 +28,8 @@ def build_rope_table(height: int,
         height (int): Grid height H.
         width (int): Grid width W.
         channels (int): Feature width C; a multiple of 4.
-        base (float): Frequency base. Defaults to 10000.
         device: Where to build the table. Defaults to the CPU.
+        base (float): Frequency base. Defaults to 10000.
 
     Returns:
         Tensor: ``[H*W, C/2, 2]`` fp32, ``[..., 0]`` cos and ``[..., 1]`` sin,
@@ -94,20 +94,70 @@ def naive_linear_attention(q: Tensor,
 def linear_attention_fp32(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
                           rope: Tensor, eps: float) -> Tensor:
     """:func:`naive_linear_attention` on a table, without the autocast
-    scope (the sums are fp32 whatever the input dtype; fp64 for fp64)."""
-    b, n, c = q.shape
-    d = c // num_heads
+    scope: :func:`global_linear_attention` with the rotated q and k in the
+    numerator and ``q . sum(k) + N eps`` (``= N (q . mean(k) + eps)``)
+    below it."""
+    n = q.shape[1]
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64
-    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     rope = rope.to(dtype)
-    q_r, k_r = apply_rope(qf, rope), apply_rope(kf, rope)
+    q_r, k_r = (apply_rope(t.to(dtype), rope) for t in (q, k))
+    return global_linear_attention(q, k, v, num_heads, True, eps * n, q_r,
+                                   k_r)
 
-    def heads(t: Tensor) -> Tensor:
-        return t.reshape(b, n, num_heads, d).transpose(1, 2)  # [B, h, N, d]
 
-    qf, kf, vf, q_r, k_r = map(heads, (qf, kf, vf, q_r, k_r))
-    k_mean = kf.mean(dim=2, keepdim=True)  # [B, h, 1, d]
-    z = 1.0 / (qf @ k_mean.transpose(-2, -1) + eps)  # [B, h, N, 1]
-    kv = (k_r.transpose(-2, -1) @ vf) / n  # [B, h, d, d]
-    out = (q_r @ kv) * z
-    return out.transpose(1, 2).reshape(b, n, c).to(q.dtype)
+def global_linear_attention(q: Tensor,
+                            k: Tensor,
+                            v: Tensor,
+                            num_heads: int,
+                            normalize: bool = True,
+                            eps: float = 1e-6,
+                            q_num: Optional[Tensor] = None,
+                            k_num: Optional[Tensor] = None,
+                            v_num: Optional[Tensor] = None) -> Tensor:
+    """Non-causal multi-head linear attention over all tokens, in fp32:
+    the design space's general form (Table 1 of the MILA paper), of which
+    MILA's operator is one setting (:func:`linear_attention_fp32`).
+
+    Per head: ``y_i = q'_i . sum_j k'_j^T v'_j / (q_i . sum_j k_j + eps)``,
+    where the primed tensors are those of the numerator (``q_num``,
+    ``k_num``, ``v_num``; the rotated queries and keys with RoPE, the gated
+    values with the input gate) and default to ``q``, ``k``, ``v``. Without
+    ``normalize``: ``y_i = q'_i . (sum_j k'_j^T v'_j) / N``.
+
+    Args:
+        q (Tensor): Queries after ``elu + 1``, ``[B, N, h * dk]``.
+        k (Tensor): Keys after ``elu + 1``, ``[B, N, h * dk]``.
+        v (Tensor): Values, ``[B, N, h * dv]``.
+        num_heads (int): Number of heads h.
+        normalize (bool): Divide by ``q . sum(k)``; otherwise by N.
+            Defaults to True.
+        eps (float): Added to the normaliser. Defaults to 1e-6.
+        q_num (Tensor, optional): Numerator queries, like ``q``.
+        k_num (Tensor, optional): Numerator keys, like ``k``.
+        v_num (Tensor, optional): Numerator values, like ``v``.
+
+    Returns:
+        Tensor: ``[B, N, h * dv]`` in ``q``'s dtype.
+    """
+    b, n, c_qk = q.shape
+    c_v = v.shape[-1]
+    h = num_heads
+    d_k, d_v = c_qk // h, c_v // h
+    q_num = q if q_num is None else q_num
+    k_num = k if k_num is None else k_num
+    v_num = v if v_num is None else v_num
+    with torch.autocast(q.device.type, enabled=False):  # sums stay fp32
+        ct = torch.promote_types(q.dtype, torch.float32)
+
+        def heads(t: Tensor, d: int) -> Tensor:  # [B, h, N, d], a view
+            return t.to(ct).view(b, n, h, d).transpose(1, 2)
+
+        kv = heads(k_num, d_k).transpose(-2, -1) @ heads(v_num, d_v)
+        out = heads(q_num, d_k) @ kv  # [B, h, N, dv]
+        if normalize:
+            k_sum = heads(k, d_k).sum(2, keepdim=True)  # [B, h, 1, dk]
+            den = heads(q, d_k) @ k_sum.transpose(-2, -1)  # [B, h, N, 1]
+            out = out / (den + eps)
+        else:
+            out = out / n
+        return out.transpose(1, 2).reshape(b, n, c_v).to(q.dtype)

@@ -41,10 +41,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._guard import device_guard
+from .._op import FastPathOp
 from .._report import KernelLaunch, KernelVariant, signature
+from .naive import linear_attention_fp32
 
 # Programs a launch aims at (about four per SM of a 132-SM GPU); the token
 # chunk of one program is sized from it, within the bounds of ``_config``.
@@ -437,29 +438,41 @@ def _bwd(q: Tensor, k: Tensor, v: Tensor, num_heads: int, rope: Tensor,
     return dq, dk, dv
 
 
-class LinearAttentionFunction(torch.autograd.Function):
-    """MILA linear attention on the Triton kernels, forward and backward.
+def _forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, rope: Tensor,
+             eps: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    out, kv, kmean = linear_attention_fwd(q, k, v, num_heads, rope, eps)
+    return out, (kv, kmean)
 
-    Saves the inputs as given (views, no copies) and the fp32 ``kv`` and
-    ``kmean``; everything else is recomputed in the backward.
-    """
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int,
-                rope: Tensor, eps: float) -> Tensor:
-        rope = rope.float().contiguous()
-        out, kv, kmean = linear_attention_fwd(q, k, v, num_heads, rope, eps)
-        ctx.save_for_backward(q, k, v, rope, kv, kmean)
-        ctx.num_heads, ctx.eps = num_heads, eps
-        return out
+def _backward(do: Tensor, saved: List[Tensor], q: Tensor, k: Tensor,
+              v: Tensor, num_heads: int, rope: Tensor, eps: float) -> tuple:
+    kv, kmean = saved
+    return linear_attention_bwd(q, k, v, num_heads, rope, eps, kv, kmean, do)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do: Tensor):
-        q, k, v, rope, kv, kmean = ctx.saved_tensors
-        dq, dk, dv = linear_attention_bwd(q, k, v, ctx.num_heads, rope,
-                                          ctx.eps, kv, kmean, do)
-        return dq, dk, dv, None, None, None
+
+def _fake(q: Tensor, k: Tensor, v: Tensor, num_heads: int, rope: Tensor,
+          eps: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    b, n, c = q.shape
+    d = c // num_heads
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(b, n, c),
+            (q.new_empty(b * num_heads, d, d, **f32),
+             q.new_empty(b * num_heads, d, **f32)))
+
+
+# Keeps the inputs as given (views, no copies) and the fp32 kv and kmean;
+# everything else is recomputed in the backward kernels.
+linear_attention_triton = FastPathOp(
+    'linear_attention_triton', _forward, _backward, _fake,
+    grads_for=('q', 'k', 'v'), residuals=True,
+    definition=linear_attention_fp32)
+
+
+def triton_linear_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                            rope: Tensor, eps: float) -> Tensor:
+    """MILA linear attention on the Triton kernels, forward and backward."""
+    return linear_attention_triton(q, k, v, num_heads,
+                                   rope.float().contiguous(), eps)
 
 
 # -- what tools/analysis/kernel_report.py compiles and reports -------------

@@ -24,11 +24,13 @@ for one block of tokens at a time, in cache, and steps the states over them
 token by token (docs/benchmarks.md, "The forget gate's CPU path").
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._op import FastPathOp
 
 
 # Above this many chunks the states carried across them are themselves
@@ -267,83 +269,129 @@ def _recurrence(a: Tensor, b: Tensor, out: Optional[Tensor] = None,
 
 
 
-class ChunkSelectiveScanTokensFunction(torch.autograd.Function):
-    """Token-major selective scan by :func:`linear_recurrence`, with an
-    analytic backward (the recurrence run the other way); all accumulation
-    in fp32."""
+def selective_scan_chunk_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+                             C: Tensor, D: Optional[Tensor],
+                             delta_bias: Optional[Tensor],
+                             delta_softplus: bool, reverse: bool,
+                             scale_input: bool) -> Tuple[Tensor, tuple]:
+    """The token-major scan's forward (arguments as
+    :func:`chunk_selective_scan_tokens`, contiguous); keeps nothing for the
+    backward but the inputs. Returns ``(y, ())``."""
+    ct = _compute_dtype(u)
+    dt, _ = _step(delta, delta_bias, delta_softplus, ct)
+    if A.shape[1] == 1:
+        a, b = _decay_and_input(dt, u, A, B, scale_input)
+        del dt
+        h = _recurrence(a, b, out=b, reverse=reverse)  # in place
+        del a
+        y = h.squeeze(3).mul_(C.to(ct))  # in place: h is not needed
+    else:
+        y = _blocked_scan(dt, u, A, B, C, scale_input, reverse)
+    if D is not None:
+        y.addcmul_(u, _per_channel(D, u, ct))
+    return y, ()
 
-    @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-                C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
+
+def selective_scan_chunk_bwd(dy: Tensor, saved: List[Tensor], u: Tensor,
+                             delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Optional[Tensor],
+                             delta_bias: Optional[Tensor],
+                             delta_softplus: bool, reverse: bool,
+                             scale_input: bool) -> tuple:
+    """The analytic backward of :func:`selective_scan_chunk_fwd`: the
+    states recomputed by the recurrence, their gradients by the same
+    recurrence run the other way. Returns the gradients of ``u, delta, A,
+    B, C, D, delta_bias`` (None for an absent one)."""
+    ct = _compute_dtype(u)
+    groups = u.shape[1]
+    dt, pre = _step(delta, delta_bias, delta_softplus, ct)
+    a, b = _decay_and_input(dt, u, A, B, scale_input)
+    h = _recurrence(a, b, reverse=reverse)
+    dy = dy.to(ct).contiguous()
+    B_, C_ = B.to(ct).unsqueeze(-1), C.to(ct).unsqueeze(-1)
+    # g_t = dL/dh_t = C_t dy_t + a_s g_s, s the token after t in scan
+    # order: a recurrence the other way, started by the scan's last token.
+    g = dy.unsqueeze(3) * C_
+    if g.shape[2] > 1:
+        if reverse:
+            first, rest, decay = 0, slice(1, None), a[:, :, :-1]
+        else:
+            first, rest, decay = -1, slice(None, -1), a[:, :, 1:]
+        _recurrence(decay, g[:, :, rest], reverse=not reverse,
+                    initial=g[:, :, first].flatten(0, 1).flatten(1),
+                    out=g[:, :, rest])
+    dC = (h * dy.unsqueeze(3)).sum(-1)
+    # a_t h_prev = h_t - b_t, so dL/d(dt A) = g_t a_t h_prev.
+    d_log_a = g * h.sub_(b)
+    del a, b, h
+    A_g = _state_major(A, groups, ct)
+    # dL/d(dt u) without the D path (dL/du without scale_input)
+    g_b = (g * B_).sum(3)
+    d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3)
+    dA = (d_log_a * dt.unsqueeze(3)).sum((0, 2)).transpose(1, 2)
+    if scale_input:
+        d_dt.addcmul_(g_b, u)
+        du = g_b.mul_(dt)
+        dB = (g * (dt * u).unsqueeze(3)).sum(-1)
+    else:
+        du = g_b
+        dB = (g * u.to(ct).unsqueeze(3)).sum(-1)
+    dD = None
+    if D is not None:
+        du.addcmul_(dy, _per_channel(D, u, ct))
+        dD = (dy * u).sum((0, 2)).flatten().to(D.dtype)
+    if delta_softplus:
+        # softplus' threshold (x > 20 passes x through) has slope 1,
+        # which sigmoid(x) already rounds to in fp32.
+        d_dt.mul_(torch.sigmoid(pre))
+    d_bias = (d_dt.sum((0, 2)).flatten().to(delta_bias.dtype)
+              if delta_bias is not None else None)
+    return (du.to(u.dtype), d_dt.to(delta.dtype),
+            dA.reshape(A.shape).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD, d_bias)
+
+
+def _fake(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+          D: Optional[Tensor], delta_bias: Optional[Tensor],
+          delta_softplus: bool, reverse: bool,
+          scale_input: bool) -> Tuple[Tensor, tuple]:
+    """The forward's output, laid out as it writes it: token-major rows
+    for ``N = 1``, a ``[L, B, G, Dg]`` buffer for the blocked scan."""
+    batch, groups, length, per_group = u.shape
+    ct = _compute_dtype(u)
+    if A.shape[1] == 1:
+        return u.new_empty(u.shape, dtype=ct), ()
+    y = u.new_empty(length, batch, groups, per_group, dtype=ct)
+    return y.permute(1, 2, 0, 3), ()
+
+
+def _definition(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                D: Optional[Tensor], delta_bias: Optional[Tensor],
                 delta_softplus: bool, reverse: bool,
-                scale_input: bool = True) -> Tensor:
-        ct = _compute_dtype(u)
-        dt, _ = _step(delta, delta_bias, delta_softplus, ct)
-        if A.shape[1] == 1:
-            a, b = _decay_and_input(dt, u, A, B, scale_input)
-            del dt
-            h = _recurrence(a, b, out=b, reverse=reverse)  # in place
-            del a
-            y = h.squeeze(3).mul_(C.to(ct))  # in place: h is not needed
-        else:
-            y = _blocked_scan(dt, u, A, B, C, scale_input, reverse)
-        if D is not None:
-            y.addcmul_(u, _per_channel(D, u, ct))
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
-        ctx.delta_softplus, ctx.reverse = delta_softplus, reverse
-        ctx.scale_input = scale_input
-        return y
+                scale_input: bool) -> Tensor:
+    """What the op lowers to for export: the scan on the export module's
+    chunked recurrence, in this layout."""
+    from .._export import export_selective_scan
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        ct = _compute_dtype(u)
-        groups = u.shape[1]
-        dt, pre = _step(delta, delta_bias, ctx.delta_softplus, ct)
-        a, b = _decay_and_input(dt, u, A, B, ctx.scale_input)
-        h = _recurrence(a, b, reverse=ctx.reverse)
-        dy = dy.to(ct).contiguous()
-        B_, C_ = B.to(ct).unsqueeze(-1), C.to(ct).unsqueeze(-1)
-        # g_t = dL/dh_t = C_t dy_t + a_s g_s, s the token after t in scan
-        # order: a recurrence the other way, started by the scan's last token.
-        g = dy.unsqueeze(3) * C_
-        if g.shape[2] > 1:
-            if ctx.reverse:
-                first, rest, decay = 0, slice(1, None), a[:, :, :-1]
-            else:
-                first, rest, decay = -1, slice(None, -1), a[:, :, 1:]
-            _recurrence(decay, g[:, :, rest], reverse=not ctx.reverse,
-                        initial=g[:, :, first].flatten(0, 1).flatten(1),
-                        out=g[:, :, rest])
-        dC = (h * dy.unsqueeze(3)).sum(-1)
-        # a_t h_prev = h_t - b_t, so dL/d(dt A) = g_t a_t h_prev.
-        d_log_a = g * h.sub_(b)
-        del a, b, h
-        A_g = _state_major(A, groups, ct)
-        # dL/d(dt u) without the D path (dL/du without scale_input)
-        g_b = (g * B_).sum(3)
-        d_dt = (d_log_a * A_g.unsqueeze(1)).sum(3)
-        dA = (d_log_a * dt.unsqueeze(3)).sum((0, 2)).transpose(1, 2)
-        if ctx.scale_input:
-            d_dt.addcmul_(g_b, u)
-            du = g_b.mul_(dt)
-            dB = (g * (dt * u).unsqueeze(3)).sum(-1)
-        else:
-            du = g_b
-            dB = (g * u.to(ct).unsqueeze(3)).sum(-1)
-        dD = None
-        if D is not None:
-            du.addcmul_(dy, _per_channel(D, u, ct))
-            dD = (dy * u).sum((0, 2)).flatten().to(D.dtype)
-        if ctx.delta_softplus:
-            # softplus' threshold (x > 20 passes x through) has slope 1,
-            # which sigmoid(x) already rounds to in fp32.
-            d_dt.mul_(torch.sigmoid(pre))
-        d_bias = (d_dt.sum((0, 2)).flatten().to(delta_bias.dtype)
-                  if delta_bias is not None else None)
-        return (du.to(u.dtype), d_dt.to(delta.dtype),
-                dA.reshape(A.shape).to(A.dtype), dB.to(B.dtype),
-                dC.to(C.dtype), dD, d_bias, None, None, None)
+    def channels_first(x: Tensor) -> Tensor:  # [B, G, L, X] -> [B, G, X, L]
+        x = x.transpose(2, 3)
+        return x.flip(-1) if reverse else x
+
+    batch, groups, length, per_group = u.shape
+    u_, delta_ = (channels_first(t).reshape(batch, -1, length)
+                  for t in (u, delta))
+    y = export_selective_scan(u_, delta_, A, channels_first(B),
+                              channels_first(C), D, delta_bias,
+                              delta_softplus, scale_input)
+    y = y.view(batch, groups, per_group, length)
+    return (y.flip(-1) if reverse else y).transpose(2, 3)
+
+
+selective_scan_chunk = FastPathOp(
+    'selective_scan_chunk', selective_scan_chunk_fwd,
+    selective_scan_chunk_bwd, _fake,
+    grads_for=('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias'),
+    definition=_definition)
 
 
 def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
@@ -389,9 +437,10 @@ def chunk_selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
             raise ValueError(
                 f'chunk_selective_scan_tokens: {name} must be '
                 f'{(batch, groups, length, n_state)}, got {tuple(t.shape)}')
-    return ChunkSelectiveScanTokensFunction.apply(
-        u.contiguous(), delta.contiguous(), A, B.contiguous(),
-        C.contiguous(), D, delta_bias, delta_softplus, reverse, scale_input)
+    return selective_scan_chunk(u.contiguous(), delta.contiguous(), A,
+                                B.contiguous(), C.contiguous(), D,
+                                delta_bias, delta_softplus, reverse,
+                                scale_input)
 
 
 def chunk_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,

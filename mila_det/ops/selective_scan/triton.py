@@ -45,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .._export import export_selective_scan
 from .._guard import device_guard
+from .._op import FastPathOp
 from .._report import KernelLaunch, KernelVariant, signature
 
 # Tokens per segment (one tile); channels per tile and warps of the forward
@@ -511,45 +512,55 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
             dbias.sum((0, 1)) if delta_bias is not None else None)
 
 
-class SelectiveScanFunction(torch.autograd.Function):
-    """Selective scan on the Triton kernels (forward and backward).
-
-    ``needs_grad`` says whether to keep the segment start states for a
-    backward; the caller decides it (inside ``forward`` grad mode is always
-    off), see :func:`triton_selective_scan`.
-    """
-
-    @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-                C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
-                delta_softplus: bool, scale_input: bool = True,
-                needs_grad: bool = True,
-                block_t: Optional[int] = None) -> Tensor:
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             D: Optional[Tensor], delta_bias: Optional[Tensor],
+             delta_softplus: bool, scale_input: bool,
+             block_t: Optional[int]) -> Tuple[Tensor, Tuple[Tensor]]:
+    with device_guard('selective_scan', u=u, delta=delta, A=A, B=B, C=C, D=D,
+                      delta_bias=delta_bias):
         y, starts = selective_scan_fwd(u, delta, A, B, C, D, delta_bias,
                                        delta_softplus, scale_input, block_t)
-        ctx.delta_softplus, ctx.scale_input = delta_softplus, scale_input
-        ctx.block_t, ctx.saved = block_t, needs_grad
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, starts)
-        return y
+    return y, (starts, )
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor):
-        if not ctx.saved:
-            raise RuntimeError(
-                'selective_scan (triton): no states were kept for a backward '
-                '(the forward ran with needs_grad=False)')
-        u, delta, A, B, C, D, delta_bias, starts = ctx.saved_tensors
-        with device_guard('selective_scan', u=u, dy=dy):
-            grads = selective_scan_bwd(u, delta, A, B, C, D, delta_bias,
-                                       ctx.delta_softplus, starts,
-                                       dy.contiguous(), ctx.scale_input,
-                                       ctx.block_t)
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        grads = tuple(None if g is None else g.to(x.dtype)
-                      for g, x in zip(grads, inputs))
-        return (*grads, None, None, None, None)
+
+def _backward(dy: Tensor, saved: List[Tensor], u: Tensor, delta: Tensor,
+              A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              delta_bias: Optional[Tensor], delta_softplus: bool,
+              scale_input: bool, block_t: Optional[int]) -> tuple:
+    (starts, ) = saved
+    with device_guard('selective_scan', u=u, dy=dy):
+        grads = selective_scan_bwd(u, delta, A, B, C, D, delta_bias,
+                                   delta_softplus, starts, dy.contiguous(),
+                                   scale_input, block_t)
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    return tuple(None if g is None else g.to(x.dtype)
+                 for g, x in zip(grads, inputs))
+
+
+def _fake(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+          D: Optional[Tensor], delta_bias: Optional[Tensor],
+          delta_softplus: bool, scale_input: bool,
+          block_t: Optional[int]) -> Tuple[Tensor, Tuple[Tensor]]:
+    batch, channels, length = u.shape
+    n_seg = _segments(length, block_t)[1]
+    f32 = dict(dtype=torch.float32)
+    return (u.new_empty(batch, channels, length, **f32),
+            (u.new_empty(batch, channels, A.shape[1], n_seg, **f32), ))
+
+
+def _definition(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                D: Optional[Tensor], delta_bias: Optional[Tensor],
+                delta_softplus: bool, scale_input: bool,
+                block_t: Optional[int]) -> Tensor:
+    return export_selective_scan(u, delta, A, B, C, D, delta_bias,
+                                 delta_softplus, scale_input).float()
+
+
+# The forward keeps the state entering every segment for the backward.
+selective_scan_triton = FastPathOp(
+    'selective_scan_triton', _forward, _backward, _fake,
+    grads_for=('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias'),
+    residuals=True, definition=_definition)
 
 
 def triton_selective_scan(u: Tensor,
@@ -567,9 +578,7 @@ def triton_selective_scan(u: Tensor,
     there).
 
     Every tensor must be on ``u``'s device (``ValueError`` naming the one
-    that is not); the launches run with that device current. States are kept
-    for a backward only when grad mode is on and an input requires a
-    gradient.
+    that is not); the launches run with that device current.
 
     Args:
         block_t (int, optional): Tokens per segment, a power of 2 (tests use
@@ -578,15 +587,10 @@ def triton_selective_scan(u: Tensor,
     Returns:
         Tensor: ``[B, D_ch, L]`` fp32.
     """
-    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D,
-                   delta_bias=delta_bias)
-    with device_guard('selective_scan', **tensors):
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors.values())
-        args = [None if t is None else t.contiguous()
-                for t in tensors.values()]
-        return SelectiveScanFunction.apply(*args, delta_softplus,
-                                           scale_input, needs_grad, block_t)
+    args = [None if t is None else t.contiguous()
+            for t in (u, delta, A, B, C, D, delta_bias)]
+    return selective_scan_triton(*args, delta_softplus, scale_input,
+                                 block_t)
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_get_flops_backbone_only(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'params: 29.48 M' in proc.stdout
     assert 'FLOPs:  4.91 G' in proc.stdout  # VMamba's README: 4.9G
-    assert 'SelectiveScan' in proc.stdout  # the scan appears in the breakdown
+    assert 'selective_scan_chunk' in proc.stdout  # the scan's op is counted
 
 
 def test_benchmark_sweep_writes_csv_plot_and_growth(tmp_path):

@@ -12,11 +12,25 @@ ops on top. No kernel of its own is defined here.
 """
 from typing import List
 
-import torch
 from torch import Tensor
 
 from ..selective_scan import triton_selective_scan
-from .naive import causal_normaliser
+from .chunk import forget_gate_on_scan
+
+
+def _scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+          scale_input: bool) -> Tensor:
+    """The token-major scan of :func:`forget_gate_on_scan` on the kernels'
+    channel-first layout (``[B, H * dv, L]``, ``[B, H, dk, L]``)."""
+    batch, heads, length, d_v = u.shape
+
+    def channels(x: Tensor) -> Tensor:  # [B, H, L, dv] -> [B, H * dv, L]
+        return x.transpose(2, 3).reshape(batch, heads * d_v, length)
+
+    y = triton_selective_scan(channels(u), channels(delta), A.contiguous(),
+                              B.transpose(2, 3), C.transpose(2, 3), None,
+                              None, False, scale_input)
+    return y.view(batch, heads, d_v, length).transpose(2, 3)
 
 
 def triton_forget_gate_attention(q: Tensor,
@@ -28,46 +42,11 @@ def triton_forget_gate_attention(q: Tensor,
                                  eps: float = 1e-6,
                                  normalize: bool = True,
                                  scale_input: bool = False) -> Tensor:
-    """Forget-gate linear attention on the selective scan's Triton kernels;
-    same arguments and result as
-    :func:`~mila_det.ops.forget_gate.naive.naive_forget_gate_attention`
-    (fp16 / bf16 / fp32 inputs; the kernels keep states in fp32).
-
-    Args:
-        q (Tensor): Queries after ``elu + 1``, ``[B, L, H * dk]``.
-        k (Tensor): Keys after ``elu + 1``, ``[B, L, H * dk]``.
-        v (Tensor): Values ``[B, L, H * dv]``.
-        delta (Tensor): Positive steps ``[B, L, H * dv]``.
-        A (Tensor): Negative decay rates ``[H * dv, dk]``.
-        num_heads (int): ``H``.
-        eps (float): Added to the normaliser. Defaults to 1e-6.
-        normalize (bool): Divide by ``q . Z``. Defaults to True.
-        scale_input (bool): Multiply the state's input by ``delta``.
-            Defaults to False.
-
-    Returns:
-        Tensor: ``[B, L, H * dv]`` fp32.
-    """
-    batch, length = q.shape[:2]
-    heads = num_heads
-    d_k = q.shape[2] // heads
-
-    def channels_first(x: Tensor) -> Tensor:  # [B, L, C] -> [B, C, L]
-        return x.transpose(1, 2).contiguous()
-
-    def group_states(x: Tensor) -> Tensor:  # [B, L, H*dk] -> [B, H, dk, L]
-        return x.reshape(batch, length, heads, d_k).permute(0, 2, 3,
-                                                            1).contiguous()
-
-    y = triton_selective_scan(channels_first(v), channels_first(delta),
-                              A.contiguous(), group_states(k),
-                              group_states(q), None, None, False,
-                              scale_input)
-    y = y.transpose(1, 2).float()  # [B, L, H * dv]
-    if normalize:
-        den = causal_normaliser(q, k, heads, eps, torch.float32)
-        y = y.reshape(batch, length, heads, -1) / den
-    return y.reshape(batch, length, -1)
+    """Forget-gate linear attention on the selective scan's Triton kernels
+    (fp16 / bf16 / fp32 inputs; see
+    :func:`~.chunk.forget_gate_on_scan`)."""
+    return forget_gate_on_scan(q, k, v, delta, A, num_heads, eps, normalize,
+                               scale_input, _scan)
 
 
 def report_variants() -> List:

@@ -1,10 +1,8 @@
 # Mask R-CNN + MILA-S, 3x, ms-crop: 50.5 box / 44.9 mask AP as published.
-_base_ = './mask_rcnn_mila_t_3x.py'
-# Official ImageNet-1K weights (MLLA_S.pth), downloaded once into torch.hub's
-# cache; a copy at data/pretrained/MLLA_S.pth is used instead if present.
-pretrained = 'https://cloud.tsinghua.edu.cn/f/0e5d0b1409d540aaa80c/?dl=1'
+_base_ = [
+    './_base_/mask_rcnn_mila_s.py',
+    './_base_/coco_instance_ms_crop.py',
+    './_base_/schedule_adamw_3x.py',
+]
 
-model = dict(
-    backbone=dict(
-        arch='small',
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)))
+model = dict(backbone=dict(drop_path_rate=0.3))

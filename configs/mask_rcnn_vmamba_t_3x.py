@@ -1,24 +1,10 @@
 # Mask R-CNN + VMamba-T, 3x (36 epochs), ms-crop pipeline: 48.8 box / 43.7
 # mask AP as published. Warm-up over 1000 iterations (MMDetection 3.x Swin).
 _base_ = [
-    './_base_/mask_rcnn_fpn.py',
+    './_base_/mask_rcnn_vmamba_t.py',
     './_base_/coco_instance_ms_crop.py',
     './_base_/schedule_adamw_3x.py',
 ]
-# Official ImageNet-1K weights, downloaded once into torch.hub's cache; a
-# copy at data/pretrained/<file name> is used instead if present.
-pretrained = ('https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'
-              'vssm1_tiny_0230s_ckpt_epoch_264.pth')
-
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='VMamba',
-        arch='tiny',
-        drop_path_rate=0.2,
-        out_indices=(0, 1, 2, 3),
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    neck=dict(in_channels=[96, 192, 384, 768]))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0,
          end=1000),

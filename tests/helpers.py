@@ -30,21 +30,13 @@ def tiny_detector_cfg(config: str, data_root: str, work_dir: str,
     cfg.model.test_cfg.rpn.nms_pre = 200
     cfg.model.test_cfg.rpn.max_per_img = 64
     metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'))
-    pipeline_train = [
-        dict(type='LoadImageFromFile'),
-        dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-        dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
-        dict(type='RandomFlip', prob=0.5),
-        dict(type='PackDetInputs'),
-    ]
-    pipeline_test = [
-        dict(type='LoadImageFromFile'),
-        dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
-        dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-        dict(type='PackDetInputs',
-             meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
-                        'scale_factor')),
-    ]
+    # the demo's pipelines, at this image size
+    demo = Config.fromfile(
+        osp.join(REPO_ROOT, 'configs/demo/mask_rcnn_mila_demo.py'))
+    pipeline_train, pipeline_test = (
+        [dict(t, scale=(image_size, image_size)) if t['type'] == 'Resize'
+         else dict(t) for t in demo[name]]
+        for name in ('train_pipeline', 'test_pipeline'))
     for split, ann, img, pipeline in (
             ('train', 'annotations/instances_train.json', 'train/',
              pipeline_train),

@@ -9,8 +9,6 @@ MMDetection 3.x and the authors' MMDetection 2.x COCO releases (same key
 names for Mask R-CNN) both load, weights only.
 """
 import argparse
-import os
-import os.path as osp
 import sys
 import warnings
 
@@ -19,12 +17,12 @@ import warnings
 warnings.filterwarnings('ignore', category=UserWarning,
                         message=r'pkg_resources is deprecated as an API')
 
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 import mila_det  # noqa: F401,E402  (registers models, safe loading)
 from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
+from mila_det.utils.entry import (  # noqa: E402
+    build_runner, load_config, parse_with_launcher)
 from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
 from mila_det.utils.preflight import check_inputs  # noqa: E402
 
@@ -44,26 +42,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--tta', action='store_true',
                         help='test-time augmentation from the config')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_with_launcher(parser)
 
 
 def main() -> None:
     args = parse_args()
     keep_freed_memory()  # MILA_DET_MALLOC=default to opt out
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options,
+                      args.work_dir)
     cfg.load_from = args.checkpoint
     # Testing loads the whole detector; the backbone's ImageNet init is moot.
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
@@ -92,8 +78,7 @@ def main() -> None:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
     init_cpu_distributed(args.launcher)
-    runner = (RUNNERS.build(cfg) if 'runner_type' in cfg else
-              Runner.from_cfg(cfg))
+    runner = build_runner(cfg)
     if args.out is not None:
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError('--out must end in .pkl or .pickle')

@@ -5,8 +5,6 @@
         [--launcher none|pytorch|slurm|mpi]
 """
 import argparse
-import os
-import os.path as osp
 import sys
 import warnings
 
@@ -17,12 +15,12 @@ warnings.filterwarnings('ignore', category=UserWarning,
 
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
 import mila_det  # noqa: F401,E402  (registers models, safe loading)
 from mila_det.hooks import TrainingStopped  # noqa: E402
 from mila_det.utils.dist import init_cpu_distributed  # noqa: E402
+from mila_det.utils.entry import (  # noqa: E402
+    build_runner, load_config, parse_with_launcher)
 from mila_det.utils.malloc import keep_freed_memory  # noqa: E402
 from mila_det.utils.preflight import check_inputs  # noqa: E402
 from mila_det.utils.resume import (  # noqa: E402
@@ -47,24 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config keys, e.g. '
                         'train_dataloader.batch_size=4')
-    parser.add_argument('--launcher', default='none',
-                        choices=['none', 'pytorch', 'slurm', 'mpi'])
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return parse_with_launcher(parser)
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options,
+                      args.work_dir)
     if args.launcher != 'none' and not torch.cuda.is_available():
         # CPU-only distributed run: gloo, and DDP without device ids.
         cfg.env_cfg.setdefault('dist_cfg', {})['backend'] = 'gloo'
@@ -133,10 +119,7 @@ def main() -> None:
     except FileNotFoundError as err:
         sys.exit(f'error: {err}')
     init_cpu_distributed(args.launcher)
-    if 'runner_type' in cfg:
-        runner = RUNNERS.build(cfg)
-    else:
-        runner = Runner.from_cfg(cfg)
+    runner = build_runner(cfg)
     try:
         runner.train()
     except TrainingStopped as err:  # logged; the message says what to do

@@ -63,12 +63,9 @@ train_dataloader = dict(
         data_prefix=dict(img='train/'),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=4,
-    num_workers=0,
-    persistent_workers=False,
+    train_dataloader,
     dataset=dict(
-        data_root=data_root,
-        metainfo=dict(classes=classes),
+        train_dataloader['dataset'],
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
         pipeline=test_pipeline))

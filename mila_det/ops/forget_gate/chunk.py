@@ -23,6 +23,7 @@ one block of tokens' decays at a time (``selective_scan.chunk``). The
 measurements behind this are in docs/benchmarks.md ("The forget gate's
 CPU path").
 """
+from functools import partial
 from typing import Callable
 
 import torch
@@ -33,9 +34,9 @@ from .naive import causal_normaliser, compute_dtype
 
 
 def forget_gate_on_scan(q: Tensor, k: Tensor, v: Tensor, delta: Tensor,
-                        A: Tensor, num_heads: int, eps: float,
-                        normalize: bool, scale_input: bool,
-                        scan: Callable[..., Tensor]) -> Tensor:
+                        A: Tensor, num_heads: int, eps: float = 1e-6,
+                        normalize: bool = True, scale_input: bool = False,
+                        *, scan: Callable[..., Tensor]) -> Tensor:
     """The forget gate on a token-major selective scan: the numerator is
     ``scan(u=v, delta, A, B=k, C=q, scale_input)`` with one group per head
     (``[B, H, L, d]`` views of the ``[B, L, H * d]`` tensors in, ``[B, H, L,
@@ -65,16 +66,5 @@ def _chunk_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                        scale_input=scale_input)
 
 
-def chunk_forget_gate_attention(q: Tensor,
-                                k: Tensor,
-                                v: Tensor,
-                                delta: Tensor,
-                                A: Tensor,
-                                num_heads: int,
-                                eps: float = 1e-6,
-                                normalize: bool = True,
-                                scale_input: bool = False) -> Tensor:
-    """Forget-gate linear attention by the chunked selective scan (see
-    :func:`forget_gate_on_scan`)."""
-    return forget_gate_on_scan(q, k, v, delta, A, num_heads, eps, normalize,
-                               scale_input, _chunk_scan)
+# Forget-gate linear attention by the chunked selective scan.
+chunk_forget_gate_attention = partial(forget_gate_on_scan, scan=_chunk_scan)

@@ -10,6 +10,7 @@ gradients run on the selective scan's Triton kernels
 the normaliser ``q_t . cumsum(k)_t`` (fp32) is a few element-wise PyTorch
 ops on top. No kernel of its own is defined here.
 """
+from functools import partial
 from typing import List
 
 from torch import Tensor
@@ -33,20 +34,9 @@ def _scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return y.view(batch, heads, d_v, length).transpose(2, 3)
 
 
-def triton_forget_gate_attention(q: Tensor,
-                                 k: Tensor,
-                                 v: Tensor,
-                                 delta: Tensor,
-                                 A: Tensor,
-                                 num_heads: int,
-                                 eps: float = 1e-6,
-                                 normalize: bool = True,
-                                 scale_input: bool = False) -> Tensor:
-    """Forget-gate linear attention on the selective scan's Triton kernels
-    (fp16 / bf16 / fp32 inputs; see
-    :func:`~.chunk.forget_gate_on_scan`)."""
-    return forget_gate_on_scan(q, k, v, delta, A, num_heads, eps, normalize,
-                               scale_input, _scan)
+# Forget-gate linear attention on the selective scan's Triton kernels
+# (fp16 / bf16 / fp32 inputs).
+triton_forget_gate_attention = partial(forget_gate_on_scan, scan=_scan)
 
 
 def report_variants() -> List:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._op import EXPORT_LOWERINGS, FastPathOp
-from .selective_scan.chunk import linear_recurrence as chunk_recurrence
+from .selective_scan.recurrence import linear_recurrence as chunk_recurrence
 
 __all__ = ['export_decompositions', 'chunked_recurrence',
            'unrolled_recurrence', 'export_selective_scan', 'EXPORT_CHUNK',

@@ -134,7 +134,7 @@ def test_linear_recurrence_reverse_batched_with_initial(chunk):
 def test_linear_recurrence_carry_over_many_chunks(reverse):
     """Past ``CARRY_LOOP_MAX`` chunks the carry between chunks is itself a
     chunked recurrence (two levels here: 151 chunks of 2, plus a tail)."""
-    from mila_det.ops.selective_scan.chunk import CARRY_LOOP_MAX
+    from mila_det.ops.selective_scan.recurrence import CARRY_LOOP_MAX
     length = 303
     assert length // 2 > CARRY_LOOP_MAX
     g = torch.Generator().manual_seed(3)

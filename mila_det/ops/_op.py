@@ -45,8 +45,10 @@ class FastPathOp:
             annotations (``Tensor``, ``Optional[Tensor]``, ``int``,
             ``float``, ``bool``, ``Optional[int]``) give the op's schema.
             ``out`` and the residuals must be new tensors.
-        backward (Callable): ``backward(grad, saved, *args)`` -> one
-            gradient (or None) per name in ``grads_for``.
+        backward (Callable, optional): ``backward(grad, saved, *args)`` ->
+            one gradient (or None) per name in ``grads_for``; None for an
+            inference-only path (no autograd formula is registered, so a
+            call that needs a gradient raises).
         fake (Callable): ``fake(*args) -> (out, residuals)`` as empty
             tensors of the real shapes, dtypes and strides.
         grads_for (Sequence[str]): The tensor arguments that get a
@@ -64,9 +66,9 @@ class FastPathOp:
     def __init__(self,
                  name: str,
                  forward: Callable,
-                 backward: Callable,
+                 backward: Optional[Callable],
                  fake: Callable,
-                 grads_for: Sequence[str],
+                 grads_for: Sequence[str] = (),
                  save_output: bool = False,
                  residuals: bool = False,
                  definition: Optional[Callable] = None) -> None:
@@ -103,28 +105,30 @@ class FastPathOp:
 
         self.op.register_fake(run_fake)
 
-        def run_backward(*args):
-            grad, saved, inputs = args[0], args[1], args[2:]
-            grads = self.backward(grad, saved, *inputs)
-            return [_placeholder(g, inputs[i], grad)
-                    for g, i in zip(grads, self.grad_index)]
+        if backward is not None:  # else: no gradient flows through it
+            def run_backward(*args):
+                grad, saved, inputs = args[0], args[1], args[2:]
+                grads = self.backward(grad, saved, *inputs)
+                return [_placeholder(g, inputs[i], grad)
+                        for g, i in zip(grads, self.grad_index)]
 
-        def fake_backward(grad, saved, *inputs):
-            return [_placeholder(None, inputs[i], grad)
-                    for i in self.grad_index]
+            def fake_backward(grad, saved, *inputs):
+                return [_placeholder(None, inputs[i], grad)
+                        for i in self.grad_index]
 
-        run_backward.__signature__ = signature.replace(
-            parameters=[
-                inspect.Parameter('grad', _POSITIONAL, annotation=Tensor),
-                inspect.Parameter('saved', _POSITIONAL,
-                                  annotation=List[Tensor])
-            ] + params,
-            return_annotation=List[Tensor])
-        self.backward_op = torch.library.custom_op(
-            f'{NAMESPACE}::{name}_backward', run_backward, mutates_args=())
-        self.backward_op.register_fake(fake_backward)
-        self.op.register_autograd(self._autograd_backward,
-                                  setup_context=self._setup_context)
+            run_backward.__signature__ = signature.replace(
+                parameters=[
+                    inspect.Parameter('grad', _POSITIONAL, annotation=Tensor),
+                    inspect.Parameter('saved', _POSITIONAL,
+                                      annotation=List[Tensor])
+                ] + params,
+                return_annotation=List[Tensor])
+            self.backward_op = torch.library.custom_op(
+                f'{NAMESPACE}::{name}_backward', run_backward,
+                mutates_args=())
+            self.backward_op.register_fake(fake_backward)
+            self.op.register_autograd(
+                self._autograd_backward, setup_context=self._setup_context)
         if definition is not None:
             def lowering(*args):
                 # the residuals are unused in an inference graph

@@ -9,8 +9,9 @@ With the switch on (the default; ``MILA_DET_CPU_FUSION=0`` or
 - where no gradient is needed (:func:`can_fuse`): a convolution's
   activation or residual add runs inside it
   (``torch.ops.mkldnn._convolution_pointwise``, the op PyTorch's own
-  compiler emits for frozen CPU graphs), residual sums are written into the
-  residual's memory;
+  compiler emits for frozen CPU graphs, as the ``mila_det`` ops
+  ``conv2d_pointwise`` / ``conv2d_pointwise_add``, which exporters lower to
+  the plain composition);
 - always (:func:`can_fold`): an eval-mode BatchNorm is folded into the conv
   before it, and ``x + dwconv(x)`` is one conv with the identity added to
   its centre tap (both exact re-associations, gradients included).
@@ -22,16 +23,18 @@ other devices use it whatever the switch says.
 """
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mila_det.ops._op import FastPathOp
+
 _MKLDNN = getattr(torch.ops, 'mkldnn', None)
 _POINTWISE = getattr(_MKLDNN, '_convolution_pointwise', None)
-_POINTWISE_ = getattr(_MKLDNN, '_convolution_pointwise_', None)
-HAS_FUSED_CONV = bool(_POINTWISE is not None and _POINTWISE_ is not None
+_POINTWISE_BINARY = getattr(_POINTWISE, 'binary', None)
+HAS_FUSED_CONV = bool(_POINTWISE_BINARY is not None
                       and torch.backends.mkldnn.is_available())
 
 # name -> (eager function, oneDNN attribute, oneDNN algorithm)
@@ -56,10 +59,7 @@ def cpu_fusion_enabled() -> bool:
 
 
 def _fast_paths() -> bool:
-    """The switch, and not while torch.compile / torch.export capture a
-    graph: those see the plain composition (the oneDNN pointwise ops have
-    no ONNX lowering, and the compiler fuses on its own)."""
-    return _enabled and not torch.compiler.is_compiling()
+    return _enabled
 
 
 def set_cpu_fusion(enabled: bool) -> bool:
@@ -109,6 +109,60 @@ def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
             and not torch.is_autocast_enabled('cpu'))  # it picks the dtype
 
 
+def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  stride: List[int], padding: List[int], groups: int,
+                  act: str) -> Tuple[Tensor, tuple]:
+    _, attr, algorithm = ACTIVATIONS[act]
+    return _POINTWISE(x, weight, bias, padding, stride, [1, 1], groups, attr,
+                      [], algorithm), ()
+
+
+def _conv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+               stride: List[int], padding: List[int], groups: int,
+               act: str) -> Tuple[Tensor, tuple]:
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups), ()
+
+
+def _conv_definition(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     stride: List[int], padding: List[int], groups: int,
+                     act: str) -> Tensor:
+    return ACTIVATIONS[act][0](F.conv2d(x, weight, bias, stride, padding, 1,
+                                        groups))
+
+
+def _conv_add_forward(residual: Tensor, x: Tensor, weight: Tensor,
+                      bias: Optional[Tensor], stride: List[int],
+                      padding: List[int],
+                      groups: int) -> Tuple[Tensor, tuple]:
+    return _POINTWISE_BINARY(x, residual, weight, bias, padding, stride,
+                             [1, 1], groups, 'add', 1.0, None, [], ''), ()
+
+
+def _conv_add_fake(residual: Tensor, x: Tensor, weight: Tensor,
+                   bias: Optional[Tensor], stride: List[int],
+                   padding: List[int], groups: int) -> Tuple[Tensor, tuple]:
+    return F.conv2d(x, weight, bias, stride, padding, 1, groups), ()
+
+
+def _conv_add_definition(residual: Tensor, x: Tensor, weight: Tensor,
+                         bias: Optional[Tensor], stride: List[int],
+                         padding: List[int], groups: int) -> Tensor:
+    return residual + F.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+
+# The oneDNN calls as ops (inference only: no gradient is defined), so that
+# torch.compile keeps them as they are and exporters see the plain
+# composition they lower to; the in-place variant of the residual add would
+# not export (a mutating op), and measured no faster in the backbones.
+if HAS_FUSED_CONV:
+    conv2d_pointwise = FastPathOp('conv2d_pointwise', _conv_forward, None,
+                                  _conv_fake, definition=_conv_definition)
+    conv2d_pointwise_add = FastPathOp('conv2d_pointwise_add',
+                                      _conv_add_forward, None,
+                                      _conv_add_fake,
+                                      definition=_conv_add_definition)
+
+
 def conv2d_act(x: Tensor,
                weight: Tensor,
                bias: Optional[Tensor] = None,
@@ -134,9 +188,8 @@ def conv2d_act(x: Tensor,
         raise ValueError(f'conv2d_act: act must be one of '
                          f'{sorted(ACTIVATIONS)} or None, got {act!r}')
     if act is not None and HAS_FUSED_CONV and can_fuse(x, weight, bias):
-        _, attr, algorithm = ACTIVATIONS[act]
-        return _POINTWISE(x, weight, bias, _pair(padding), _pair(stride),
-                          [1, 1], groups, attr, [], algorithm)
+        return conv2d_pointwise(x, weight, bias, _pair(stride),
+                                _pair(padding), groups, act)
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return y if act is None else ACTIVATIONS[act][0](y)
 
@@ -150,9 +203,9 @@ def conv2d_add(residual: Tensor,
                groups: int = 1) -> Tensor:
     """``residual + conv2d(x, weight, bias)``.
 
-    Where :func:`can_fuse` the sum is written into ``residual``'s memory
-    (inside the conv when the build has it), so pass a tensor that nothing
-    else reads afterwards.
+    Where :func:`can_fuse` the sum is formed inside the conv (or, without
+    the fused conv in the build, written into ``residual``'s memory, so
+    pass a tensor that nothing else reads afterwards).
 
     Args:
         residual (Tensor): ``[B, C_out, H', W']``, the conv's output shape.
@@ -167,8 +220,7 @@ def conv2d_add(residual: Tensor,
             memory_format=torch.channels_last) else torch.contiguous_format)
         if (residual.dtype == torch.float32
                 and residual.is_contiguous(memory_format=fmt)):
-            return _POINTWISE_(residual, x, weight, bias, _pair(padding),
-                               _pair(stride), [1, 1], groups, 'add', 1.0,
-                               None, [], '')
+            return conv2d_pointwise_add(residual, x, weight, bias,
+                                        _pair(stride), _pair(padding), groups)
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return residual.add_(y) if fuse else residual + y

@@ -80,12 +80,22 @@ def _inside_operator(event) -> bool:
     return False
 
 
+def _conv_operands(event) -> tuple:
+    """A convolution event's input shapes and arguments without the residual
+    of oneDNN's fused add: ``(other, X, W, ...)`` in place, ``(X, other, W,
+    ...)`` out of place (13 arguments, the plain variant has 10)."""
+    shapes, args = event.input_shapes, event.concrete_inputs
+    if event.name == 'mkldnn::_convolution_pointwise_':
+        return shapes[1:], args[1:]
+    if event.name == 'mkldnn::_convolution_pointwise' and len(shapes) == 13:
+        return shapes[:1] + shapes[2:], args[:1] + args[2:]
+    return shapes, args
+
+
 def _conv_macs(event) -> float:
     """Multiply-adds of a convolution event from its shapes and arguments;
     ``(groups, kernel area)`` tell depthwise from dense."""
-    shapes, args = event.input_shapes, event.concrete_inputs
-    if event.name == 'mkldnn::_convolution_pointwise_':
-        shapes, args = shapes[1:], args[1:]
+    shapes, args = _conv_operands(event)
     x, w = shapes[0], shapes[1]
     if len(x) != 4 or len(w) != 4:
         return 0.0
@@ -101,9 +111,7 @@ def _conv_macs(event) -> float:
 
 
 def _conv_class(event) -> str:
-    shapes = event.input_shapes
-    if event.name == 'mkldnn::_convolution_pointwise_':
-        shapes = shapes[1:]
+    shapes = _conv_operands(event)[0]
     x, w = shapes[0], shapes[1]
     if len(w) == 4 and w[1] == 1 and len(x) == 4 and x[1] > 1:
         return 'depthwise conv'

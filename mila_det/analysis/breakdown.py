@@ -71,10 +71,15 @@ def _outermost(event, names) -> Optional[object]:
     return found
 
 
+# The ranges labelled_operators opens (mila_det's own ops, such as the fused
+# convolutions, are named ``mila_det::<op>`` too but are not all of them).
+_RANGES = frozenset(_RANGE + op for op in OPERATORS)
+
+
 def _inside_operator(event) -> bool:
     node = event
     while node is not None:
-        if node.name.startswith(_RANGE):
+        if node.name in _RANGES:
             return True
         node = node.cpu_parent
     return False

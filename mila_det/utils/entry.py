@@ -14,11 +14,15 @@ def parse_with_launcher(parser: argparse.ArgumentParser
                         ) -> argparse.Namespace:
     """``parser``'s arguments plus MMEngine's ``--launcher`` and
     ``--local_rank`` (which older launchers pass); ``LOCAL_RANK`` is set
-    from the latter when the launcher has not set it."""
+    from the latter when the launcher has not set it. A ``config`` that is
+    not a file ends the program with a usage message naming it."""
     parser.add_argument('--launcher', default='none',
                         choices=['none', 'pytorch', 'slurm', 'mpi'])
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
+    config = getattr(args, 'config', None)
+    if config is not None and not osp.isfile(config):
+        parser.error(f'config file not found: {config}')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 

@@ -58,10 +58,6 @@ def cpu_fusion_enabled() -> bool:
     return _enabled
 
 
-def _fast_paths() -> bool:
-    return _enabled
-
-
 def set_cpu_fusion(enabled: bool) -> bool:
     """Turn the CPU fast paths on or off; returns the previous setting."""
     global _enabled
@@ -82,7 +78,7 @@ def cpu_fusion(enabled: bool) -> Iterator[None]:
 def use_onednn_projection(x: Tensor) -> bool:
     """Whether a token projection of ``x`` runs as a oneDNN 1x1 conv (CPU,
     fp32/bf16/fp16)."""
-    return (_fast_paths() and x.device.type == 'cpu'
+    return (_enabled and x.device.type == 'cpu'
             and x.dtype != torch.float64 and x.numel() > 0)
 
 
@@ -90,7 +86,7 @@ def can_fold(x: Tensor) -> bool:
     """Whether the re-associations that keep gradients exact (an eval-mode
     BatchNorm folded into its conv, ``x + dwconv(x)`` as one conv) apply to
     a layer on ``x``: the switch is on and ``x`` is on the CPU."""
-    return _fast_paths() and x.device.type == 'cpu'
+    return _enabled and x.device.type == 'cpu'
 
 
 def no_grad_needed(*tensors: Optional[Tensor]) -> bool:
@@ -103,7 +99,7 @@ def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether the inference fusions may run on these tensors: the switch is
     on, they are fp32 on the CPU, none needs a gradient (the fused ops have
     no backward) and no autocast."""
-    return (_fast_paths() and x.device.type == 'cpu'
+    return (_enabled and x.device.type == 'cpu'
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and no_grad_needed(x, weight, bias)
             and not torch.is_autocast_enabled('cpu'))  # it picks the dtype

@@ -34,7 +34,8 @@ from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .datasets.robust import SkipBadSamples
-from .hooks import save_checkpoint_atomically, write_last_checkpoint
+from .hooks import (save_checkpoint_atomically, stopping_together,
+                    write_last_checkpoint)
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -187,16 +188,16 @@ class IterCheckpointHook(Hook):
         runner.message_hub.update_info(self.info_key, kept)
         filename = f'iter_{done}.pth'
         runner.logger.info(f'Saving iteration checkpoint {filename}')
-        save_checkpoint_atomically(runner, runner.work_dir, filename,
-                                   by_epoch=False)
-        if not is_main_process():
-            return
-        for step in stale:  # only once the new one is complete
-            path = osp.join(runner.work_dir, f'iter_{step}.pth')
-            if osp.isfile(path):
-                os.remove(path)
-        write_last_checkpoint(runner.work_dir,
-                              osp.join(runner.work_dir, filename))
+        with stopping_together():
+            save_checkpoint_atomically(runner, runner.work_dir, filename,
+                                       by_epoch=False)
+            if is_main_process():
+                for step in stale:  # only once the new one is complete
+                    path = osp.join(runner.work_dir, f'iter_{step}.pth')
+                    if osp.isfile(path):
+                        os.remove(path)
+                write_last_checkpoint(runner.work_dir,
+                                      osp.join(runner.work_dir, filename))
 
 
 @DATA_SAMPLERS.register_module()

@@ -17,16 +17,21 @@ divergence, half-written checkpoints, full disks and unreadable images.
 
 The errors these raise (:class:`TrainingStopped` and its subclasses) carry
 a complete message for the user; ``tools/train.py`` prints it without a
-traceback.
+traceback. Under distributed training every rank stops together: the
+divergence guard and the sample count agree across ranks each iteration,
+and an error while rank 0 writes a checkpoint is raised on every rank
+(:func:`stopping_together`), so no rank hangs in a collective.
 """
+import contextlib
 import functools
 import math
 import os.path as osp
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from mmdet.registry import HOOKS
-from mmengine.dist import all_reduce, get_world_size, is_main_process
+from mmengine.dist import (all_gather_object, all_reduce, get_world_size,
+                           is_main_process)
 from mmengine.fileio import get_file_backend
 from mmengine.fileio.backends import LocalBackend
 from mmengine.hooks import CheckpointHook, Hook
@@ -53,6 +58,37 @@ class CheckpointWriteError(TrainingStopped):
 
 class BadSampleLimitError(TrainingStopped):
     """More training images were unreadable than the run allows."""
+
+
+@contextlib.contextmanager
+def stopping_together() -> Iterator[None]:
+    """Run the block on every rank; if it raises on some ranks, every rank
+    raises, so that none is left waiting for the others in its next
+    collective (rank 0 alone writes checkpoints, so a full disk or a
+    refused checkpoint is seen there only). The rank that failed raises
+    its own error; the others raise the same :class:`TrainingStopped`
+    class (the base class for an error of another kind) with that rank's
+    message. Without distributed training it is a plain block. Every rank
+    must enter it."""
+    error: Optional[Exception] = None
+    try:
+        yield
+    except Exception as err:  # raised again below, on every rank
+        error = err
+    if get_world_size() > 1:
+        summary = None
+        if isinstance(error, TrainingStopped):
+            summary = (type(error), str(error))
+        elif error is not None:
+            summary = (TrainingStopped, f'{type(error).__name__}: {error}')
+        failures = [(rank, s) for rank, s in enumerate(
+            all_gather_object(summary)) if s is not None]
+        if error is None and failures:
+            rank, (cls, text) = failures[0]
+            raise cls(f'stopped on every rank, as rank {rank} failed: '
+                      f'{text}')
+    if error is not None:
+        raise error
 
 
 def _restart_hint(work_dir: str, example: bool = False) -> str:
@@ -176,23 +212,23 @@ class SafeCheckpointHook(CheckpointHook):
         self.last_ckpt = self.file_backend.join_path(self.out_dir,
                                                      ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
-        save_checkpoint_atomically(
-            runner, self.out_dir, ckpt_filename,
-            file_client_args=self.file_client_args,
-            save_optimizer=self.save_optimizer,
-            save_param_scheduler=self.save_param_scheduler,
-            meta=meta, by_epoch=self.by_epoch,
-            backend_args=self.backend_args, **self.args)
-        if not is_main_process():
-            return
-        for old in stale:  # only now that the new one is complete
-            path = self.file_backend.join_path(self.out_dir,
-                                               self.filename_tmpl.format(old))
-            if self.file_backend.isfile(path):
-                self.file_backend.remove(path)
-            elif self.file_backend.isdir(path):  # deepspeed's folders
-                self.file_backend.rmtree(path)
-        write_last_checkpoint(runner.work_dir, self.last_ckpt)
+        with stopping_together():
+            save_checkpoint_atomically(
+                runner, self.out_dir, ckpt_filename,
+                file_client_args=self.file_client_args,
+                save_optimizer=self.save_optimizer,
+                save_param_scheduler=self.save_param_scheduler,
+                meta=meta, by_epoch=self.by_epoch,
+                backend_args=self.backend_args, **self.args)
+            if is_main_process():
+                for old in stale:  # only now that the new one is complete
+                    path = self.file_backend.join_path(
+                        self.out_dir, self.filename_tmpl.format(old))
+                    if self.file_backend.isfile(path):
+                        self.file_backend.remove(path)
+                    elif self.file_backend.isdir(path):  # deepspeed's
+                        self.file_backend.rmtree(path)
+                write_last_checkpoint(runner.work_dir, self.last_ckpt)
 
 
 # --------------------------------------------------------------------------
@@ -404,7 +440,8 @@ class SkippedSamplesHook(Hook):
     epoch the files skipped in it are counted and listed. Once more
     distinct files than the limit were skipped in the run (the count
     survives resuming), the run stops with :class:`BadSampleLimitError`
-    listing them.
+    listing them. Under distributed training the files are counted over
+    every rank's batches, and every rank stops at the same iteration.
 
     Args:
         max_fraction (float): The limit as a fraction of the train dataset.
@@ -447,10 +484,24 @@ class SkippedSamplesHook(Hook):
             notes.extend(meta.get('skipped_samples', []))
         return notes
 
+    @staticmethod
+    def _from_every_rank(notes: List[Sequence[str]]) -> List[Sequence[str]]:
+        """Every rank's notes of this iteration, on every rank, so that all
+        ranks count the same files, stop together and checkpoint the whole
+        list. One small all-reduce per iteration; the notes themselves are
+        gathered only when some rank has any."""
+        count = torch.tensor([float(len(notes))])
+        all_reduce(count)  # MMEngine moves it to the backend's device
+        if not count.item():
+            return []
+        return [note for part in all_gather_object(notes) for note in part]
+
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[Union[dict, tuple, list]] = None,
                          outputs: Optional[dict] = None) -> None:
         notes = self._notes(data_batch)
+        if get_world_size() > 1:
+            notes = self._from_every_rank(notes)
         if not notes:
             return
         seen: Dict[str, str] = dict(

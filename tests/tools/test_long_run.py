@@ -25,7 +25,7 @@ from mila_det.datasets import (BadSampleError, SkipBadSamples,
 from mila_det.hooks import (BadSampleLimitError, CheckpointWriteError,
                             DivergenceError, DivergenceGuardHook,
                             SafeCheckpointHook, SkippedSamplesHook,
-                            save_checkpoint_atomically)
+                            save_checkpoint_atomically, stopping_together)
 from mila_det.utils.atomic_io import AtomicWriteError, atomic_write
 from mila_det.utils.checkpoint import weights_only_load
 from mila_det.utils.resume import (ResumeError, find_resume_checkpoint,
@@ -317,23 +317,25 @@ def test_skip_bad_samples_replaces_and_notes_unreadable_images():
         SkipBadSamples(Samples(3, bad={0, 1, 2}), max_retries=2)[0]
 
 
+def _batch(*paths):
+    """A batch whose samples note ``paths`` as skipped."""
+    samples = [BaseDataElement(metainfo=dict(skipped_samples=[
+        (p, 'cannot decode')])) for p in paths]
+    return dict(inputs=[], data_samples=samples + [BaseDataElement()])
+
+
 def test_skipped_samples_hook_warns_once_lists_and_stops(tmp_path, caplog):
     runner = FakeRunner(tmp_path, dataset_size=1000)  # limit: 1 file
     hook = SkippedSamplesHook()
     assert hook.limit(1000) == 1 and hook.limit(10) == 1
     assert SkippedSamplesHook(max_fraction=0.01).limit(1000) == 10
 
-    def batch(*paths):
-        samples = [BaseDataElement(metainfo=dict(skipped_samples=[
-            (p, 'cannot decode')])) for p in paths]
-        return dict(inputs=[], data_samples=samples + [BaseDataElement()])
-
     runner.logger.propagate = True
     with caplog.at_level(logging.WARNING, logger=runner.logger.name):
         for _ in range(2):  # two epochs, the same bad file each
             hook.before_train_epoch(runner)
-            hook.after_train_iter(runner, 0, batch('a.png'))
-            hook.after_train_iter(runner, 1, batch())
+            hook.after_train_iter(runner, 0, _batch('a.png'))
+            hook.after_train_iter(runner, 1, _batch())
             hook.after_train_epoch(runner)
             runner.epoch += 1
     text = caplog.text
@@ -341,7 +343,92 @@ def test_skipped_samples_hook_warns_once_lists_and_stops(tmp_path, caplog):
     assert 'epoch 1: 1 training image(s) skipped' in text
     assert 'epoch 2: 1 training image(s) skipped' in text
     with pytest.raises(BadSampleLimitError, match='b.png: cannot decode'):
-        hook.after_train_iter(runner, 0, batch('b.png'))
+        hook.after_train_iter(runner, 0, _batch('b.png'))
+
+
+# ------------------------------------------------------------ two ranks
+
+
+def _two_rank_worker(rank, store, out_dir):
+    """One rank of a 2-process gloo group: what each hook does when only
+    some ranks meet the trouble. Writes ``result<rank>.json``."""
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{store}',
+                            rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    result = {}
+    # Unreadable images: rank 0 meets a.png, rank 1 b.png then c.png; the
+    # limit is 2 files, so only the three together pass it.
+    runner = FakeRunner(osp.join(out_dir, f'rank{rank}'))
+    hook = SkippedSamplesHook(max_files=2)
+    result['samples'] = None
+    for i, paths in enumerate([['a.png'], []] if rank == 0 else
+                              [['b.png'], ['c.png']]):
+        try:
+            hook.after_train_iter(runner, i, _batch(*paths))
+        except BadSampleLimitError as err:
+            result['samples'] = [i, str(err)]
+            break
+    result['seen'] = sorted(runner.message_hub.get_info(
+        'skipped_samples', {}))
+    # A full disk on rank 0, which alone writes checkpoints.
+    work = osp.join(out_dir, 'ckpt')
+    os.makedirs(work, exist_ok=True)
+    runner = FakeRunner(work)
+    if rank == 0:
+        runner.fail_after = 10
+    else:
+        runner.save_checkpoint = lambda *args, **kwargs: None
+    try:
+        _checkpoint_hook(runner, max_keep=2)._save_checkpoint_with_step(
+            runner, 1, {})
+        result['checkpoint'] = None
+    except CheckpointWriteError as err:
+        result['checkpoint'] = str(err)
+    # Any other error inside the block, on rank 1 only.
+    try:
+        with stopping_together():
+            if rank == 1:
+                raise ValueError('a bug on rank 1')
+        result['other'] = None
+    except Exception as err:
+        result['other'] = [type(err).__name__, str(err)]
+    dist.barrier()  # every rank got here: none was left waiting
+    dist.destroy_process_group()
+    with open(osp.join(out_dir, f'result{rank}.json'), 'w') as f:
+        json.dump(result, f)
+
+
+def test_every_rank_stops_together_and_counts_every_ranks_images(tmp_path):
+    context = torch.multiprocessing.spawn(
+        _two_rank_worker, args=(str(tmp_path / 'store'), str(tmp_path)),
+        nprocs=2, join=False)
+    for _ in range(240):  # at most 2 minutes
+        if context.join(timeout=0.5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail('the two ranks did not finish within 2 minutes')
+    results = [json.load(open(tmp_path / f'result{r}.json'))
+               for r in (0, 1)]
+    for result in results:
+        # both stop at the second iteration, listing the three files
+        assert result['samples'][0] == 1
+        assert all(f'{p}: cannot decode' in result['samples'][1]
+                   for p in ('a.png', 'b.png', 'c.png'))
+        assert result['seen'] == ['a.png', 'b.png', 'c.png']
+    first, second = results
+    assert 'no space left on device' in first['checkpoint']
+    assert second['checkpoint'].startswith(
+        'stopped on every rank, as rank 0 failed: ')
+    assert first['checkpoint'] in second['checkpoint']
+    assert second['other'] == ['ValueError', 'a bug on rank 1']
+    assert first['other'] == [
+        'TrainingStopped', 'stopped on every rank, as rank 1 failed: '
+        'ValueError: a bug on rank 1']
 
 
 # ------------------------------------------------------------ check_dataset

@@ -101,8 +101,6 @@ def op_cases():
         x = torch.randn(1, 8, 7, 9).to(memory_format=torch.channels_last)
         weight, bias = torch.randn(16, 8, 3, 3), torch.randn(16)
         cases += [
-            ('conv2d_pointwise', fused.conv2d_pointwise,
-             (x, weight, bias, [1, 1], [1, 1], 1, 'gelu')),
             ('conv2d_pointwise_add', fused.conv2d_pointwise_add,
              (torch.randn(1, 16, 4, 5).to(memory_format=torch.channels_last),
               x, weight, None, [2, 2], [1, 1], 1)),
@@ -157,6 +155,28 @@ def test_export_lowering_matches_the_op(case):
         got = got[0] if op.residuals else got
     assert got.shape == want.shape and got.dtype == want.dtype
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize('act', ['relu', 'gelu', 'silu'])
+def test_onednn_conv_lowering_matches_onednn(act):
+    """The export lowering of oneDNN's conv with an activation, which
+    ``conv2d_act`` calls as it is, computes what oneDNN computes (strided,
+    grouped, channels-last)."""
+    from mila_det.models.layers import fused
+    from mila_det.ops._op import EXPORT_LOWERINGS
+    if not fused.HAS_FUSED_CONV:
+        pytest.skip('this torch build has no oneDNN fused convolution')
+    op = torch.ops.mkldnn._convolution_pointwise.default
+    x = torch.randn(1, 8, 7, 9).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 4, 3, 3), torch.randn(16)
+    _, attr, algorithm = fused.ACTIVATIONS[act]
+    args = (x, weight, bias, [1, 1], [2, 2], [1, 1], 2, attr, [], algorithm)
+    with torch.no_grad():
+        want = op(*args)
+        got = EXPORT_LOWERINGS[op](*args)
+        plain = fused.conv2d_act(x, weight, bias, act, 2, 1, 2)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(plain, want) < 1e-5
 
 
 @pytest.mark.parametrize('case', ['linear_attention_parallel',
@@ -309,7 +329,11 @@ def test_compile_has_no_graph_breaks_and_ops_stay_nodes(name):
         4 * per_block, names
     # the rest: the CPU's fused convolutions, kept as they are
     assert {n.split('.')[1] for n in names} <= {
-        op_name, 'conv2d_pointwise', 'conv2d_pointwise_add'}, names
+        op_name, 'conv2d_pointwise_add'}, names
+    # and oneDNN's conv with an activation, at least each block's MLP
+    onednn = [n for n in graphs[0].graph.nodes if n.op == 'call_function'
+              and str(n.target) == 'mkldnn._convolution_pointwise.default']
+    assert len(onednn) >= sum(model.arch_settings['depths'])
 
 
 def test_compiled_ops_match_reference_gradients():

@@ -166,7 +166,7 @@ def test_switch_off_is_the_plain_pytorch_composition(monkeypatch):
     """With the switch off no oneDNN-specific op runs."""
     calls = []
     import mila_det.models.layers.fused as fused
-    for name in ('_POINTWISE', '_POINTWISE_BINARY'):
+    for name in ('_POINTWISE_UNARY', '_POINTWISE_BINARY'):
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name:
                             calls.append(_n) or _r(*a))

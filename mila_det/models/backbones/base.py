@@ -93,7 +93,10 @@ class StageBackbone(BaseModule):
     design) and ``norm_prefix``; their constructors call
     :meth:`_check_stages`, build ``patch_embed`` and ``layers``, then
     :meth:`_finish`. Modules whose parameters the generic init does not
-    cover define ``reset_extra_parameters``.
+    cover define ``reset_extra_parameters`` and set those parameters when
+    built, or, where they are linears (which the generic init overwrites),
+    say ``extra_in_linears = True`` so that :meth:`_finish` sets them
+    after it.
     """
     arch_zoo: Dict[str, dict] = {}
     arch_keys: Tuple[str, ...] = ()
@@ -141,7 +144,14 @@ class StageBackbone(BaseModule):
         for i in self.out_indices:
             self.add_module(f'{self.norm_prefix}{i}',
                             LayerNorm2d(self.num_features[i]))
-        self._reset_parameters()
+        # Built modules hold PyTorch's default init and their own extra
+        # parameters already: set the linears and norms, and again the
+        # extras that live in linears. Drawing nothing else keeps a seed's
+        # weights as the authors' constructors draw them.
+        init_linear_and_norms(self)
+        for m in self.modules():
+            if getattr(m, 'extra_in_linears', False):
+                m.reset_extra_parameters()
         self._freeze_stages()
 
     def _reset_parameters(self) -> None:

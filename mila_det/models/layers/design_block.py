@@ -63,6 +63,8 @@ class StepSize(nn.Module):
         rank (int): Bottleneck width (Mamba's ``dt_rank``).
     """
 
+    extra_in_linears = True  # the backbone's linear init overwrites them
+
     def __init__(self, in_dim: int, out_dim: int, rank: int) -> None:
         super().__init__()
         self.rank = rank

@@ -9,9 +9,9 @@ With the switch on (the default; ``MILA_DET_CPU_FUSION=0`` or
 - where no gradient is needed (:func:`can_fuse`): a convolution's
   activation or residual add runs inside it
   (``torch.ops.mkldnn._convolution_pointwise``, the op PyTorch's own
-  compiler emits for frozen CPU graphs, as the ``mila_det`` ops
-  ``conv2d_pointwise`` / ``conv2d_pointwise_add``, which exporters lower to
-  the plain composition);
+  compiler emits for frozen CPU graphs: called as it is for the activation,
+  through the ``mila_det`` op ``conv2d_pointwise_add`` for the add;
+  exporters lower both to the plain composition);
 - always (:func:`can_fold`): an eval-mode BatchNorm is folded into the conv
   before it, and ``x + dwconv(x)`` is one conv with the identity added to
   its centre tap (both exact re-associations, gradients included).
@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mila_det.ops._op import FastPathOp
+from mila_det.ops._op import FastPathOp, register_export_lowering
 
 _MKLDNN = getattr(torch.ops, 'mkldnn', None)
 _POINTWISE = getattr(_MKLDNN, '_convolution_pointwise', None)
+_POINTWISE_UNARY = getattr(_POINTWISE, 'default', None)
 _POINTWISE_BINARY = getattr(_POINTWISE, 'binary', None)
 HAS_FUSED_CONV = bool(_POINTWISE_BINARY is not None
                       and torch.backends.mkldnn.is_available())
@@ -105,25 +106,21 @@ def can_fuse(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
             and not torch.is_autocast_enabled('cpu'))  # it picks the dtype
 
 
-def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                  stride: List[int], padding: List[int], groups: int,
-                  act: str) -> Tuple[Tensor, tuple]:
-    _, attr, algorithm = ACTIVATIONS[act]
-    return _POINTWISE(x, weight, bias, padding, stride, [1, 1], groups, attr,
-                      [], algorithm), ()
-
-
-def _conv_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-               stride: List[int], padding: List[int], groups: int,
-               act: str) -> Tuple[Tensor, tuple]:
-    return F.conv2d(x, weight, bias, stride, padding, 1, groups), ()
-
-
-def _conv_definition(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     stride: List[int], padding: List[int], groups: int,
-                     act: str) -> Tensor:
-    return ACTIVATIONS[act][0](F.conv2d(x, weight, bias, stride, padding, 1,
-                                        groups))
+def _pointwise_definition(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          padding: List[int], stride: List[int],
+                          dilation: List[int], groups: int, attr: str,
+                          scalars: list, algorithm: Optional[str]) -> Tensor:
+    """What ``mkldnn._convolution_pointwise`` computes, for the attributes
+    :func:`conv2d_act` passes: the op's export lowering."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if attr == 'none':
+        return y
+    for act, name, algo in ACTIVATIONS.values():
+        if name == attr and (algorithm or '') == algo and not scalars:
+            return act(y)
+    raise NotImplementedError(
+        f'no export lowering for mkldnn._convolution_pointwise with '
+        f'attr={attr!r}, algorithm={algorithm!r}')
 
 
 def _conv_add_forward(residual: Tensor, x: Tensor, weight: Tensor,
@@ -146,13 +143,14 @@ def _conv_add_definition(residual: Tensor, x: Tensor, weight: Tensor,
     return residual + F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
 
-# The oneDNN calls as ops (inference only: no gradient is defined), so that
-# torch.compile keeps them as they are and exporters see the plain
-# composition they lower to; the in-place variant of the residual add would
-# not export (a mutating op), and measured no faster in the backbones.
+# Inference only: neither oneDNN call has a gradient. The activation's conv
+# is called as it is (a custom op around it made each call measurably slower
+# at VMamba-T's stage 1; docs/benchmarks.md), so it gets an export lowering
+# of its own; oneDNN's
+# residual add has no fake kernel for tracing, so it is a ``mila_det`` op.
+# The in-place variant of the add would not export (a mutating op).
 if HAS_FUSED_CONV:
-    conv2d_pointwise = FastPathOp('conv2d_pointwise', _conv_forward, None,
-                                  _conv_fake, definition=_conv_definition)
+    register_export_lowering(_POINTWISE_UNARY, _pointwise_definition)
     conv2d_pointwise_add = FastPathOp('conv2d_pointwise_add',
                                       _conv_add_forward, None,
                                       _conv_add_fake,
@@ -184,8 +182,10 @@ def conv2d_act(x: Tensor,
         raise ValueError(f'conv2d_act: act must be one of '
                          f'{sorted(ACTIVATIONS)} or None, got {act!r}')
     if act is not None and HAS_FUSED_CONV and can_fuse(x, weight, bias):
-        return conv2d_pointwise(x, weight, bias, _pair(stride),
-                                _pair(padding), groups, act)
+        _, attr, algorithm = ACTIVATIONS[act]
+        return _POINTWISE_UNARY(x, weight, bias, _pair(padding),
+                                _pair(stride), [1, 1], groups, attr, [],
+                                algorithm)
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return y if act is None else ACTIVATIONS[act][0](y)
 

@@ -107,3 +107,27 @@ def test_ss2d_float64_is_float64_throughout():
         return functional_call(block, dict(zip(names, values)), (x, ))
 
     assert torch.autograd.gradcheck(run, (x, *values), eps=1e-6, atol=1e-5)
+
+
+def test_construction_gives_the_authors_init():
+    """Built, the backbone holds VMamba's init: Mamba's step and decay
+    rates and ``D = 1`` (set by SS2D when built, not drawn again by the
+    backbone), ``x_proj`` within ``+-Di^-0.5``, trunc-normal(0.02) linears
+    without bias, unit LayerNorms."""
+    torch.manual_seed(0)
+    model = VMamba(arch=dict(dims=16, depths=(1, 1), ssm_ratio=2.0,
+                             d_state=4), out_indices=(0, 1))
+    for block in (model.layers[0].blocks[0], model.layers[1].blocks[0]):
+        op = block.op
+        torch.testing.assert_close(
+            op.A_logs, torch.arange(1.0, 5.0).log().expand_as(op.A_logs))
+        assert (op.Ds == 1).all()
+        step = torch.nn.functional.softplus(op.dt_projs_bias)
+        assert (step > 0.9e-3).all() and (step < 0.11).all()
+        bound = op.d_inner**-0.5
+        assert op.x_proj_weight.abs().max() <= bound
+        assert op.dt_projs_weight.abs().max() <= op.dt_rank**-0.5
+        assert op.in_proj.bias is None
+        assert 0.015 < op.in_proj.weight.std() < 0.025
+        assert (op.out_norm.weight == 1).all()
+        assert (op.out_norm.bias == 0).all()

@@ -146,9 +146,8 @@ def _conv_add_definition(residual: Tensor, x: Tensor, weight: Tensor,
 # Inference only: neither oneDNN call has a gradient. The activation's conv
 # is called as it is (a custom op around it made each call measurably slower
 # at VMamba-T's stage 1; docs/benchmarks.md), so it gets an export lowering
-# of its own; oneDNN's
-# residual add has no fake kernel for tracing, so it is a ``mila_det`` op.
-# The in-place variant of the add would not export (a mutating op).
+# of its own. oneDNN's residual add has no fake kernel for tracing, so it is
+# a ``mila_det`` op; its in-place variant would not export (a mutating op).
 if HAS_FUSED_CONV:
     register_export_lowering(_POINTWISE_UNARY, _pointwise_definition)
     conv2d_pointwise_add = FastPathOp('conv2d_pointwise_add',

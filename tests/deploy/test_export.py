@@ -99,7 +99,7 @@ def op_cases():
     from mila_det.models.layers import fused
     if fused.HAS_FUSED_CONV:  # inference-only: no gradient is defined
         x = torch.randn(1, 8, 7, 9).to(memory_format=torch.channels_last)
-        weight, bias = torch.randn(16, 8, 3, 3), torch.randn(16)
+        weight = torch.randn(16, 8, 3, 3)
         cases += [
             ('conv2d_pointwise_add', fused.conv2d_pointwise_add,
              (torch.randn(1, 16, 4, 5).to(memory_format=torch.channels_last),

@@ -17,8 +17,6 @@ How a resumed run matches an uninterrupted one:
   iteration ``n`` do not depend on where the run started.
 """
 import itertools
-import os
-import os.path as osp
 import random
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Union
@@ -26,7 +24,6 @@ from typing import Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 from mmdet.registry import DATA_SAMPLERS, HOOKS, LOOPS, OPTIM_WRAPPERS
-from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
@@ -34,8 +31,7 @@ from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .datasets.robust import SkipBadSamples
-from .hooks import (save_checkpoint_atomically, stopping_together,
-                    write_last_checkpoint)
+from .hooks import save_checkpoint_then_prune
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -188,16 +184,9 @@ class IterCheckpointHook(Hook):
         runner.message_hub.update_info(self.info_key, kept)
         filename = f'iter_{done}.pth'
         runner.logger.info(f'Saving iteration checkpoint {filename}')
-        with stopping_together():
-            save_checkpoint_atomically(runner, runner.work_dir, filename,
-                                       by_epoch=False)
-            if is_main_process():
-                for step in stale:  # only once the new one is complete
-                    path = osp.join(runner.work_dir, f'iter_{step}.pth')
-                    if osp.isfile(path):
-                        os.remove(path)
-                write_last_checkpoint(runner.work_dir,
-                                      osp.join(runner.work_dir, filename))
+        save_checkpoint_then_prune(runner, runner.work_dir, filename,
+                                   [f'iter_{step}.pth' for step in stale],
+                                   by_epoch=False)
 
 
 @DATA_SAMPLERS.register_module()

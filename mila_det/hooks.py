@@ -186,6 +186,30 @@ def write_last_checkpoint(work_dir: str, checkpoint: str) -> None:
             f'{checkpoint}.') from err
 
 
+def save_checkpoint_then_prune(runner, out_dir: str, filename: str,
+                               stale: Sequence[str], backend=None,
+                               **kwargs) -> None:
+    """Save ``filename`` in ``out_dir`` atomically
+    (:func:`save_checkpoint_atomically`, ``kwargs`` passed on); only once it
+    is complete, remove the ``stale`` checkpoints there (files, or
+    DeepSpeed's folders) and point ``last_checkpoint`` at the new one, on
+    rank 0. If any of it fails, every rank stops (:func:`stopping_together`).
+    ``backend`` is ``out_dir``'s file backend (found from it when None)."""
+    backend = backend or get_file_backend(out_dir)
+    with stopping_together():
+        save_checkpoint_atomically(runner, out_dir, filename, **kwargs)
+        if not is_main_process():
+            return
+        for name in stale:
+            path = backend.join_path(out_dir, name)
+            if backend.isfile(path):
+                backend.remove(path)
+            elif backend.isdir(path):
+                backend.rmtree(path)
+        write_last_checkpoint(runner.work_dir,
+                              backend.join_path(out_dir, filename))
+
+
 @HOOKS.register_module()
 class SafeCheckpointHook(CheckpointHook):
     """MMEngine's ``CheckpointHook`` (same arguments) whose checkpoints and
@@ -212,23 +236,15 @@ class SafeCheckpointHook(CheckpointHook):
         self.last_ckpt = self.file_backend.join_path(self.out_dir,
                                                      ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
-        with stopping_together():
-            save_checkpoint_atomically(
-                runner, self.out_dir, ckpt_filename,
-                file_client_args=self.file_client_args,
-                save_optimizer=self.save_optimizer,
-                save_param_scheduler=self.save_param_scheduler,
-                meta=meta, by_epoch=self.by_epoch,
-                backend_args=self.backend_args, **self.args)
-            if is_main_process():
-                for old in stale:  # only now that the new one is complete
-                    path = self.file_backend.join_path(
-                        self.out_dir, self.filename_tmpl.format(old))
-                    if self.file_backend.isfile(path):
-                        self.file_backend.remove(path)
-                    elif self.file_backend.isdir(path):  # deepspeed's
-                        self.file_backend.rmtree(path)
-                write_last_checkpoint(runner.work_dir, self.last_ckpt)
+        save_checkpoint_then_prune(
+            runner, self.out_dir, ckpt_filename,
+            [self.filename_tmpl.format(old) for old in stale],
+            self.file_backend,
+            file_client_args=self.file_client_args,
+            save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler,
+            meta=meta, by_epoch=self.by_epoch,
+            backend_args=self.backend_args, **self.args)
 
 
 # --------------------------------------------------------------------------

@@ -96,15 +96,6 @@ def op_cases():
          (torch.rand(6, 3, requires_grad=True),
           torch.randn(6, 3, requires_grad=True))),
     ]
-    from mila_det.models.layers import fused
-    if fused.HAS_FUSED_CONV:  # inference-only: no gradient is defined
-        x = torch.randn(1, 8, 7, 9).to(memory_format=torch.channels_last)
-        weight = torch.randn(16, 8, 3, 3)
-        cases += [
-            ('conv2d_pointwise_add', fused.conv2d_pointwise_add,
-             (torch.randn(1, 16, 4, 5).to(memory_format=torch.channels_last),
-              x, weight, None, [2, 2], [1, 1], 1)),
-        ]
     from mila_det.ops import HAS_TRITON
     if HAS_TRITON:
         from mila_det.ops.cross_scan.triton import (cross_merge_triton,
@@ -174,9 +165,47 @@ def test_onednn_conv_lowering_matches_onednn(act):
     with torch.no_grad():
         want = op(*args)
         got = EXPORT_LOWERINGS[op](*args)
-        plain = fused.conv2d_act(x, weight, bias, act, 2, 1, 2)
+        with fused.cpu_fusion(False):
+            plain = fused.conv2d_act(x, weight, bias, act, 2, 1, 2)
     assert rel_err(got, want) < 1e-5
     assert rel_err(plain, want) < 1e-5
+
+
+def onednn_add_args(memory_format: torch.memory_format) -> tuple:
+    """Arguments of oneDNN's conv with a residual add, as ``conv2d_add``
+    passes them (strided, grouped)."""
+    x = torch.randn(1, 8, 7, 9).to(memory_format=memory_format)
+    residual = torch.randn(1, 16, 4, 5).to(memory_format=memory_format)
+    return (x, residual, torch.randn(16, 4, 3, 3), torch.randn(16), [1, 1],
+            [2, 2], [1, 1], 2, 'add', 1.0, None, [], '')
+
+
+@pytest.mark.parametrize('memory_format',
+                         [torch.channels_last, torch.contiguous_format],
+                         ids=['channels_last', 'contiguous'])
+def test_onednn_conv_add_fake_and_lowering_match_onednn(memory_format):
+    """oneDNN's conv with a residual add, which ``conv2d_add`` calls as it
+    is: the fake function the package gives it has the real output's
+    shape, dtype and strides (torch.library's checks), and its export
+    lowering computes what oneDNN computes."""
+    from mila_det.models.layers import fused
+    from mila_det.ops._op import EXPORT_LOWERINGS
+    if not fused.HAS_FUSED_CONV:
+        pytest.skip('this torch build has no oneDNN fused convolution')
+    op = torch.ops.mkldnn._convolution_pointwise.binary
+    args = onednn_add_args(memory_format)
+    torch.library.opcheck(op, args, test_utils=('test_schema',
+                                                'test_faketensor'))
+    x, residual, weight, bias = args[:4]
+    with torch.no_grad():
+        want = op(*args)
+        got = EXPORT_LOWERINGS[op](*args)
+        fast = fused.conv2d_add(residual, x, weight, bias, 2, 1, 2)
+        with fused.cpu_fusion(False):
+            plain = fused.conv2d_add(residual, x, weight, bias, 2, 1, 2)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(plain, want) < 1e-5
+    assert torch.equal(fast, want)  # conv2d_add calls it as it is
 
 
 @pytest.mark.parametrize('case', ['linear_attention_parallel',
@@ -327,13 +356,14 @@ def test_compile_has_no_graph_breaks_and_ops_stay_nodes(name):
              if n.op == 'call_function' and 'mila_det' in str(n.target)]
     assert names.count(str(op)) + names.count(str(op.default)) == \
         4 * per_block, names
-    # the rest: the CPU's fused convolutions, kept as they are
-    assert {n.split('.')[1] for n in names} <= {
-        op_name, 'conv2d_pointwise_add'}, names
-    # and oneDNN's conv with an activation, at least each block's MLP
-    onednn = [n for n in graphs[0].graph.nodes if n.op == 'call_function'
-              and str(n.target) == 'mkldnn._convolution_pointwise.default']
-    assert len(onednn) >= sum(model.arch_settings['depths'])
+    assert {n.split('.')[1] for n in names} == {op_name}, names
+    # the CPU's fused convolutions, kept as they are: oneDNN's conv with an
+    # activation and with a residual add, at least each block's MLP
+    for overload in ('default', 'binary'):
+        target = f'mkldnn._convolution_pointwise.{overload}'
+        onednn = [n for n in graphs[0].graph.nodes
+                  if n.op == 'call_function' and str(n.target) == target]
+        assert len(onednn) >= sum(model.arch_settings['depths']), target
 
 
 def test_compiled_ops_match_reference_gradients():

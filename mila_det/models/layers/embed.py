@@ -15,8 +15,8 @@ Two of each, one per macro design:
 All take and return ``[B, C, H, W]`` maps (channels-last memory, so stages
 read them as tokens without copies) and accept any size: the stems pad the
 image to a multiple of 4 and the downsampling layers pad odd maps, at the
-right and bottom. The pads are unconditional (a no-op pad costs one copy),
-so a graph traced at one size holds for every size.
+right and bottom (:func:`pad_to_multiple`), and only maps that need it: a
+pad of zero would copy the map.
 """
 from functools import partial
 from typing import Optional
@@ -30,6 +30,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .common import LayerNorm2d
 from .fused import can_fold, conv2d_act
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """``x: [B, C, H, W]`` zero-padded at the bottom and right to ``H`` and
+    ``W`` that divide by ``multiple``; ``x`` itself when they already do (a
+    pad of zero would copy it). Under symbolic sizes that are multiples of
+    32, as the ONNX tool exports, the test is decided without a guard."""
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        return F.pad(x, (0, -w % multiple, 0, -h % multiple))
+    return x
 
 
 class ConvLayer(nn.Module):
@@ -117,9 +128,7 @@ class ConvStem(nn.Module):
             conv(embed_dims * 4, embed_dims, 1, act=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % 4, 0, -h % 4))
-        x = self.conv1(x)
+        x = self.conv1(pad_to_multiple(x, 4))
         x = self.conv2(x) + x
         return self.conv3(x)
 
@@ -146,8 +155,7 @@ class ConvDownsample(nn.Module):
             ConvLayer(hidden, 2 * dim, 1, act=False, norm_cfg=norm_cfg))
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return self.conv(F.pad(x, (0, w % 2, 0, h % 2)))
+        return self.conv(pad_to_multiple(x, 2))
 
 
 class PatchEmbed(nn.Module):
@@ -166,8 +174,7 @@ class PatchEmbed(nn.Module):
         self.norm = LayerNorm2d(embed_dims)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        return self.norm(self.proj(F.pad(x, (0, -w % 4, 0, -h % 4))))
+        return self.norm(self.proj(pad_to_multiple(x, 4)))
 
 
 class PatchMerging2x2(nn.Module):
@@ -186,8 +193,7 @@ class PatchMerging2x2(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        t = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, w % 2, 0, h % 2))
+        t = pad_to_multiple(x, 2).permute(0, 2, 3, 1)
         t = torch.cat([t[:, 0::2, 0::2], t[:, 1::2, 0::2],
                        t[:, 0::2, 1::2], t[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(t)).permute(0, 3, 1, 2)

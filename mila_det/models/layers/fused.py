@@ -9,9 +9,8 @@ With the switch on (the default; ``MILA_DET_CPU_FUSION=0`` or
 - where no gradient is needed (:func:`can_fuse`): a convolution's
   activation or residual add runs inside it
   (``torch.ops.mkldnn._convolution_pointwise``, the op PyTorch's own
-  compiler emits for frozen CPU graphs: called as it is for the activation,
-  through the ``mila_det`` op ``conv2d_pointwise_add`` for the add;
-  exporters lower both to the plain composition);
+  compiler emits for frozen CPU graphs, called as it is; exporters lower
+  it to the plain composition);
 - always (:func:`can_fold`): an eval-mode BatchNorm is folded into the conv
   before it, and ``x + dwconv(x)`` is one conv with the identity added to
   its centre tap (both exact re-associations, gradients included).
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mila_det.ops._op import FastPathOp, register_export_lowering
+from mila_det.ops._op import register_export_lowering
 
 _MKLDNN = getattr(torch.ops, 'mkldnn', None)
 _POINTWISE = getattr(_MKLDNN, '_convolution_pointwise', None)
@@ -123,37 +122,47 @@ def _pointwise_definition(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         f'attr={attr!r}, algorithm={algorithm!r}')
 
 
-def _conv_add_forward(residual: Tensor, x: Tensor, weight: Tensor,
-                      bias: Optional[Tensor], stride: List[int],
-                      padding: List[int],
-                      groups: int) -> Tuple[Tensor, tuple]:
-    return _POINTWISE_BINARY(x, residual, weight, bias, padding, stride,
-                             [1, 1], groups, 'add', 1.0, None, [], ''), ()
+def _pointwise_add_fake(x: Tensor, other: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], padding: List[int],
+                        stride: List[int], dilation: List[int], groups: int,
+                        binary_attr: str, alpha: Optional[float],
+                        unary_attr: Optional[str], unary_scalars: list,
+                        unary_algorithm: Optional[str]) -> Tensor:
+    """The shape, dtype and memory format of oneDNN's conv with a residual
+    add (that of the plain conv), for tracing."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _conv_add_fake(residual: Tensor, x: Tensor, weight: Tensor,
-                   bias: Optional[Tensor], stride: List[int],
-                   padding: List[int], groups: int) -> Tuple[Tensor, tuple]:
-    return F.conv2d(x, weight, bias, stride, padding, 1, groups), ()
+def _pointwise_add_definition(x: Tensor, other: Tensor, weight: Tensor,
+                              bias: Optional[Tensor], padding: List[int],
+                              stride: List[int], dilation: List[int],
+                              groups: int, binary_attr: str,
+                              alpha: Optional[float],
+                              unary_attr: Optional[str], unary_scalars: list,
+                              unary_algorithm: Optional[str]) -> Tensor:
+    """What ``mkldnn._convolution_pointwise.binary`` computes for the
+    attributes :func:`conv2d_add` passes: the op's export lowering."""
+    if (binary_attr != 'add' or alpha not in (None, 1.0)
+            or unary_attr not in (None, 'none')):
+        raise NotImplementedError(
+            f'no export lowering for mkldnn._convolution_pointwise.binary '
+            f'with binary_attr={binary_attr!r}, alpha={alpha!r}, '
+            f'unary_attr={unary_attr!r}')
+    return other + F.conv2d(x, weight, bias, stride, padding, dilation,
+                            groups)
 
 
-def _conv_add_definition(residual: Tensor, x: Tensor, weight: Tensor,
-                         bias: Optional[Tensor], stride: List[int],
-                         padding: List[int], groups: int) -> Tensor:
-    return residual + F.conv2d(x, weight, bias, stride, padding, 1, groups)
-
-
-# Inference only: neither oneDNN call has a gradient. The activation's conv
-# is called as it is (a custom op around it made each call measurably slower
-# at VMamba-T's stage 1; docs/benchmarks.md), so it gets an export lowering
-# of its own. oneDNN's residual add has no fake kernel for tracing, so it is
-# a ``mila_det`` op; its in-place variant would not export (a mutating op).
+# Inference only: neither oneDNN call has a gradient. Both are called as
+# they are (through a custom op each call was measurably slower;
+# docs/benchmarks.md), with an export lowering each. oneDNN's conv with a
+# residual add has no fake function, so this gives it one (the plain conv's
+# shape and format) and torch.compile and torch.export can trace it. The
+# in-place variant, which writes into the residual, would not export (a
+# mutating op has no ONNX translation).
 if HAS_FUSED_CONV:
     register_export_lowering(_POINTWISE_UNARY, _pointwise_definition)
-    conv2d_pointwise_add = FastPathOp('conv2d_pointwise_add',
-                                      _conv_add_forward, None,
-                                      _conv_add_fake,
-                                      definition=_conv_add_definition)
+    torch.library.register_fake(_POINTWISE_BINARY, _pointwise_add_fake)
+    register_export_lowering(_POINTWISE_BINARY, _pointwise_add_definition)
 
 
 def conv2d_act(x: Tensor,
@@ -215,7 +224,8 @@ def conv2d_add(residual: Tensor,
             memory_format=torch.channels_last) else torch.contiguous_format)
         if (residual.dtype == torch.float32
                 and residual.is_contiguous(memory_format=fmt)):
-            return conv2d_pointwise_add(residual, x, weight, bias,
-                                        _pair(stride), _pair(padding), groups)
+            return _POINTWISE_BINARY(x, residual, weight, bias,
+                                     _pair(padding), _pair(stride), [1, 1],
+                                     groups, 'add', 1.0, None, [], '')
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return residual.add_(y) if fuse else residual + y

@@ -432,9 +432,11 @@ def export_tool():
 
 
 @pytest.mark.parametrize('name', ['mila', 'vmamba'])
-def test_onnx_round_trip_fixed_and_dynamic_sizes(name, tmp_path):
-    """Exported at an odd fixed size, and with dynamic H, W at a second size
-    and run at two; onnxruntime matches PyTorch."""
+def test_onnx_tool_round_trip_at_dynamic_sizes(name, tmp_path):
+    """The tool's export with dynamic H, W (the ONNX ``Scan`` kept), run at
+    the export size and a second one; onnxruntime matches PyTorch. (A
+    fixed odd size is the stock exporter's test below: the tool's fixed
+    export differs from its dynamic one only in the shapes.)"""
     tool = export_tool()
     torch.manual_seed(0)
     if name == 'mila':  # two stages: half the graph to export
@@ -444,9 +446,6 @@ def test_onnx_round_trip_fixed_and_dynamic_sizes(name, tmp_path):
         model = VMamba(arch=dict(dims=16, depths=(1, 1), ssm_ratio=1.0,
                                  d_state=1), out_indices=(0, 1))
     model.eval()
-    fixed = tool.export_onnx(model, (50, 70), str(tmp_path / 'fix.onnx'))
-    result = tool.check_onnx(model, fixed, (50, 70), repeat=0)
-    assert result['max_abs_err'] < 1e-4, result
     dynamic = tool.export_onnx(model, (64, 96), str(tmp_path / 'dyn.onnx'),
                                dynamic=True)
     for shape in ((64, 96), (96, 160)):

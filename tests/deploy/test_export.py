@@ -171,41 +171,35 @@ def test_onednn_conv_lowering_matches_onednn(act):
     assert rel_err(plain, want) < 1e-5
 
 
-def onednn_add_args(memory_format: torch.memory_format) -> tuple:
-    """Arguments of oneDNN's conv with a residual add, as ``conv2d_add``
-    passes them (strided, grouped)."""
-    x = torch.randn(1, 8, 7, 9).to(memory_format=memory_format)
-    residual = torch.randn(1, 16, 4, 5).to(memory_format=memory_format)
-    return (x, residual, torch.randn(16, 4, 3, 3), torch.randn(16), [1, 1],
-            [2, 2], [1, 1], 2, 'add', 1.0, None, [], '')
-
-
 @pytest.mark.parametrize('memory_format',
                          [torch.channels_last, torch.contiguous_format],
                          ids=['channels_last', 'contiguous'])
-def test_onednn_conv_add_fake_and_lowering_match_onednn(memory_format):
-    """oneDNN's conv with a residual add, which ``conv2d_add`` calls as it
-    is: the fake function the package gives it has the real output's
-    shape, dtype and strides (torch.library's checks), and its export
-    lowering computes what oneDNN computes."""
+def test_conv_add_op_writes_the_sum_into_the_residual(memory_format):
+    """``mila_det::conv2d_add_``, which ``conv2d_add`` calls where no
+    gradient is needed: oneDNN on CPU tensors and its plain decomposition
+    (what traced graphs hold) each add the conv into the residual's memory
+    as the plain composition does (strided, grouped), and torch.library's
+    checks find the mutation declared."""
     from mila_det.models.layers import fused
-    from mila_det.ops._op import EXPORT_LOWERINGS
     if not fused.HAS_FUSED_CONV:
         pytest.skip('this torch build has no oneDNN fused convolution')
-    op = torch.ops.mkldnn._convolution_pointwise.binary
-    args = onednn_add_args(memory_format)
-    torch.library.opcheck(op, args, test_utils=('test_schema',
-                                                'test_faketensor'))
-    x, residual, weight, bias = args[:4]
+    x = torch.randn(1, 8, 7, 9).to(memory_format=memory_format)
+    residual = torch.randn(1, 16, 4, 5).to(memory_format=memory_format)
+    weight, bias = torch.randn(16, 4, 3, 3), torch.randn(16)
+    args = (x, weight, bias, [2, 2], [1, 1], 2)
+    op = torch.ops.mila_det.conv2d_add_.default
+    torch.library.opcheck(op, (residual.clone(), *args),
+                          test_utils=('test_schema', 'test_faketensor'))
+    with torch.no_grad(), fused.cpu_fusion(False):
+        want = fused.conv2d_add(residual, x, weight, bias, 2, 1, 2)
+    for run in (op, op.decompose):
+        got = residual.clone()
+        assert run(got, *args) in (None, NotImplemented)
+        assert rel_err(got, want) < 1e-5, run
     with torch.no_grad():
-        want = op(*args)
-        got = EXPORT_LOWERINGS[op](*args)
-        fast = fused.conv2d_add(residual, x, weight, bias, 2, 1, 2)
-        with fused.cpu_fusion(False):
-            plain = fused.conv2d_add(residual, x, weight, bias, 2, 1, 2)
-    assert rel_err(got, want) < 1e-5
-    assert rel_err(plain, want) < 1e-5
-    assert torch.equal(fast, want)  # conv2d_add calls it as it is
+        fast = residual.clone()
+        assert fused.conv2d_add(fast, x, weight, bias, 2, 1, 2) is fast
+    assert rel_err(fast, want) < 1e-5
 
 
 @pytest.mark.parametrize('case', ['linear_attention_parallel',
@@ -356,14 +350,15 @@ def test_compile_has_no_graph_breaks_and_ops_stay_nodes(name):
              if n.op == 'call_function' and 'mila_det' in str(n.target)]
     assert names.count(str(op)) + names.count(str(op.default)) == \
         4 * per_block, names
-    assert {n.split('.')[1] for n in names} == {op_name}, names
-    # the CPU's fused convolutions, kept as they are: oneDNN's conv with an
-    # activation and with a residual add, at least each block's MLP
-    for overload in ('default', 'binary'):
-        target = f'mkldnn._convolution_pointwise.{overload}'
-        onednn = [n for n in graphs[0].graph.nodes
-                  if n.op == 'call_function' and str(n.target) == target]
-        assert len(onednn) >= sum(model.arch_settings['depths']), target
+    # the rest: the CPU's fused convolutions, at least each block's MLP:
+    # the residual add (the package's op) and oneDNN's conv with an
+    # activation (PyTorch's, kept as it is)
+    assert {n.split('.')[1] for n in names} == {op_name, 'conv2d_add_'}
+    blocks = sum(model.arch_settings['depths'])
+    assert names.count('mila_det.conv2d_add_.default') >= blocks, names
+    onednn = [n for n in graphs[0].graph.nodes if n.op == 'call_function'
+              and str(n.target) == 'mkldnn._convolution_pointwise.default']
+    assert len(onednn) >= blocks
 
 
 def test_compiled_ops_match_reference_gradients():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, VMamba
 from mila_det.models.layers import MILABlock, VSSBlock, cpu_fusion
+from mila_det.models.layers.design_block import DesignBlock
 from mila_det.models.layers.fused import (HAS_FUSED_CONV, can_fuse, conv2d_act,
                                           conv2d_add)
 
@@ -44,17 +45,16 @@ def test_conv2d_act_matches_eager(conv, act, channels_last):
 
 @needs_fusion
 @pytest.mark.parametrize('conv', CONVS)
-def test_conv2d_add_fuses_the_residual_sum(conv):
+def test_conv2d_add_writes_the_sum_into_the_residual(conv):
     c_in, c_out, k, stride, padding, groups = conv
     x, w, b = _inputs(c_in, c_out, k, groups)
     conv_out = F.conv2d(x, w, b, stride, padding, 1, groups)
     residual = torch.randn_like(conv_out)
     want = residual + conv_out
     with torch.no_grad():
-        kept = residual.clone()
         got = conv2d_add(residual, x, w, b, stride, padding, groups)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(residual, kept, rtol=0, atol=0)
+    assert got.data_ptr() == residual.data_ptr()
 
 
 def test_with_gradients_nothing_is_fused_or_overwritten():
@@ -108,7 +108,9 @@ def test_unknown_activation_is_named():
 @pytest.mark.parametrize('make_block, x_shape', [
     (lambda: MILABlock(16, 2), (2, 63, 16)),
     (lambda: VSSBlock(16, ssm_ratio=1.0), (2, 7, 9, 16)),
-], ids=['mila', 'vmamba'])
+    (lambda: DesignBlock(16, 2, block='transformer'), (2, 63, 16)),
+    (lambda: DesignBlock(16, 2, block='all'), (2, 63, 16)),
+], ids=['mila', 'vmamba', 'design-transformer', 'design-all'])
 def test_blocks_fused_equal_plain_and_keep_their_input(make_block, x_shape):
     """Inference with the CPU switch on (fused, sums written in place)
     against the plain computation (switch off), and against the block with
@@ -166,7 +168,7 @@ def test_switch_off_is_the_plain_pytorch_composition(monkeypatch):
     """With the switch off no oneDNN-specific op runs."""
     calls = []
     import mila_det.models.layers.fused as fused
-    for name in ('_POINTWISE_UNARY', '_POINTWISE_BINARY'):
+    for name in ('_POINTWISE_UNARY', '_POINTWISE_ADD_'):
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _r=real, _n=name:
                             calls.append(_n) or _r(*a))

@@ -34,6 +34,7 @@ from mila_det.ops.linear_attention.naive import global_linear_attention
 from mila_det.ops.linear_attention.parallel import rotate
 from .common import (Mlp, TokenLinear, dwconv_tokens, init_mamba_decay,
                      init_mamba_step)
+from .fused import no_grad_needed
 
 BLOCK_DESIGNS = ('transformer', 'sub', 'all')
 POS_ENCODINGS = ('ape', 'lepe', 'cpe', 'rope')
@@ -372,11 +373,16 @@ class DesignBlock(nn.Module):
         """Args: ``x: [B, N, C]`` with ``N = H * W`` for ``hw = (H, W)``;
         ``rope``: the stage's RoPE table for the attention's q/k width.
         Returns ``[B, N, C]``."""
+        # The projections may write their sums into the residual they are
+        # given: the caller's x only after CPE has made it a new tensor.
         if self.cpe1 is not None:
             x = dwconv_tokens(self.cpe1, x, hw, residual=True)
+            residual = x
+        else:
+            residual = x.clone() if no_grad_needed(x) else x
         n = self.norm1(x)
         if self.block == 'transformer':
-            x = self.proj(self.attn(n, hw, rope), residual=x,
+            x = self.proj(self.attn(n, hw, rope), residual=residual,
                           drop_path=self.drop_path)
         else:
             if self.block == 'sub':
@@ -386,8 +392,8 @@ class DesignBlock(nn.Module):
                 u, z = self.in_proj(n).chunk(2, dim=-1)
                 gate = F.silu(z)
             v = dwconv_tokens(self.dwc, u.contiguous(), hw, act='silu')
-            x = self.out_proj(self.attn(v, hw, rope) * gate, residual=x,
-                              drop_path=self.drop_path)
+            x = self.out_proj(self.attn(v, hw, rope) * gate,
+                              residual=residual, drop_path=self.drop_path)
         if self.block == 'all':
             return x
         if self.cpe2 is not None:

@@ -9,8 +9,8 @@ With the switch on (the default; ``MILA_DET_CPU_FUSION=0`` or
 - where no gradient is needed (:func:`can_fuse`): a convolution's
   activation or residual add runs inside it
   (``torch.ops.mkldnn._convolution_pointwise``, the op PyTorch's own
-  compiler emits for frozen CPU graphs, called as it is; exporters lower
-  it to the plain composition);
+  compiler emits for frozen CPU graphs; exporters see the plain
+  composition), residual sums are written into the residual's memory;
 - always (:func:`can_fold`): an eval-mode BatchNorm is folded into the conv
   before it, and ``x + dwconv(x)`` is one conv with the identity added to
   its centre tap (both exact re-associations, gradients included).
@@ -33,8 +33,11 @@ from mila_det.ops._op import register_export_lowering
 _MKLDNN = getattr(torch.ops, 'mkldnn', None)
 _POINTWISE = getattr(_MKLDNN, '_convolution_pointwise', None)
 _POINTWISE_UNARY = getattr(_POINTWISE, 'default', None)
-_POINTWISE_BINARY = getattr(_POINTWISE, 'binary', None)
-HAS_FUSED_CONV = bool(_POINTWISE_BINARY is not None
+# the residual add, written into the residual
+_POINTWISE_ADD_ = getattr(getattr(_MKLDNN, '_convolution_pointwise_', None),
+                          'binary', None)
+HAS_FUSED_CONV = bool(_POINTWISE_UNARY is not None
+                      and _POINTWISE_ADD_ is not None
                       and torch.backends.mkldnn.is_available())
 
 # name -> (eager function, oneDNN attribute, oneDNN algorithm)
@@ -122,47 +125,42 @@ def _pointwise_definition(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         f'attr={attr!r}, algorithm={algorithm!r}')
 
 
-def _pointwise_add_fake(x: Tensor, other: Tensor, weight: Tensor,
-                        bias: Optional[Tensor], padding: List[int],
-                        stride: List[int], dilation: List[int], groups: int,
-                        binary_attr: str, alpha: Optional[float],
-                        unary_attr: Optional[str], unary_scalars: list,
-                        unary_algorithm: Optional[str]) -> Tensor:
-    """The shape, dtype and memory format of oneDNN's conv with a residual
-    add (that of the plain conv), for tracing."""
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+def _conv2d_add_onednn(residual: Tensor, x: Tensor, weight: Tensor,
+                       bias: Optional[Tensor], stride: List[int],
+                       padding: List[int], groups: int) -> None:
+    """``residual += conv2d(x, weight, bias)`` inside oneDNN's conv."""
+    _POINTWISE_ADD_(residual, x, weight, bias, padding, stride, [1, 1],
+                    groups, 'add', 1.0, None, [], '')
 
 
-def _pointwise_add_definition(x: Tensor, other: Tensor, weight: Tensor,
-                              bias: Optional[Tensor], padding: List[int],
-                              stride: List[int], dilation: List[int],
-                              groups: int, binary_attr: str,
-                              alpha: Optional[float],
-                              unary_attr: Optional[str], unary_scalars: list,
-                              unary_algorithm: Optional[str]) -> Tensor:
-    """What ``mkldnn._convolution_pointwise.binary`` computes for the
-    attributes :func:`conv2d_add` passes: the op's export lowering."""
-    if (binary_attr != 'add' or alpha not in (None, 1.0)
-            or unary_attr not in (None, 'none')):
-        raise NotImplementedError(
-            f'no export lowering for mkldnn._convolution_pointwise.binary '
-            f'with binary_attr={binary_attr!r}, alpha={alpha!r}, '
-            f'unary_attr={unary_attr!r}')
-    return other + F.conv2d(x, weight, bias, stride, padding, dilation,
-                            groups)
+def _conv2d_add_definition(residual: Tensor, x: Tensor, weight: Tensor,
+                           bias: Optional[Tensor], stride: List[int],
+                           padding: List[int], groups: int) -> None:
+    """The same as plain PyTorch: how graphs see the op."""
+    residual.add_(F.conv2d(x, weight, bias, stride, padding, 1, groups))
 
 
-# Inference only: neither oneDNN call has a gradient. Both are called as
-# they are (through a custom op each call was measurably slower;
-# docs/benchmarks.md), with an export lowering each. oneDNN's conv with a
-# residual add has no fake function, so this gives it one (the plain conv's
-# shape and format) and torch.compile and torch.export can trace it. The
-# in-place variant, which writes into the residual, would not export (a
-# mutating op has no ONNX translation).
+# Inference only: neither oneDNN call has a gradient.
+# - The activation's conv is called as it is (wrapped in an op, each call
+#   was measurably slower; docs/benchmarks.md), with an export lowering.
+# - The residual add writes the sum into the residual (faster than a new
+#   output, and one map less in memory), which oneDNN's in-place variant
+#   does. A mutating op reaches exporters as ``auto_functionalized``, which
+#   has no ONNX translation, so it is wrapped in ``mila_det::conv2d_add_``:
+#   CPU tensors run oneDNN; the CompositeImplicitAutograd kernel, which
+#   PyTorch uses only where no kernel of the backend applies (fake tensors
+#   while torch.compile and torch.export trace), is the plain in-place add,
+#   so graphs hold the plain composition and functionalize it.
 if HAS_FUSED_CONV:
     register_export_lowering(_POINTWISE_UNARY, _pointwise_definition)
-    torch.library.register_fake(_POINTWISE_BINARY, _pointwise_add_fake)
-    register_export_lowering(_POINTWISE_BINARY, _pointwise_add_definition)
+    _LIBRARY = torch.library.Library('mila_det', 'FRAGMENT')
+    _LIBRARY.define('conv2d_add_(Tensor(a!) residual, Tensor x, '
+                    'Tensor weight, Tensor? bias, int[] stride, '
+                    'int[] padding, int groups) -> ()')
+    _LIBRARY.impl('conv2d_add_', _conv2d_add_onednn, 'CPU')
+    _LIBRARY.impl('conv2d_add_', _conv2d_add_definition,
+                  'CompositeImplicitAutograd')
+    conv2d_add_ = torch.ops.mila_det.conv2d_add_.default
 
 
 def conv2d_act(x: Tensor,
@@ -207,9 +205,9 @@ def conv2d_add(residual: Tensor,
                groups: int = 1) -> Tensor:
     """``residual + conv2d(x, weight, bias)``.
 
-    Where :func:`can_fuse` the sum is formed inside the conv (or, without
-    the fused conv in the build, written into ``residual``'s memory, so
-    pass a tensor that nothing else reads afterwards).
+    Where :func:`can_fuse` the sum is written into ``residual``'s memory
+    (inside the conv when the build has it), so pass a tensor that nothing
+    else reads afterwards.
 
     Args:
         residual (Tensor): ``[B, C_out, H', W']``, the conv's output shape.
@@ -224,8 +222,8 @@ def conv2d_add(residual: Tensor,
             memory_format=torch.channels_last) else torch.contiguous_format)
         if (residual.dtype == torch.float32
                 and residual.is_contiguous(memory_format=fmt)):
-            return _POINTWISE_BINARY(x, residual, weight, bias,
-                                     _pair(padding), _pair(stride), [1, 1],
-                                     groups, 'add', 1.0, None, [], '')
+            conv2d_add_(residual, x, weight, bias, _pair(stride),
+                        _pair(padding), groups)
+            return residual
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return residual.add_(y) if fuse else residual + y

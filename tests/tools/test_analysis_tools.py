@@ -3,6 +3,7 @@ import mmap
 import os
 import os.path as osp
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -215,3 +216,48 @@ bench.main()
         pytest.skip('not glibc: freed memory goes back to the system')
     peak = float(re.search(r'peak +([0-9.]+) MiB', proc.stdout).group(1))
     assert peak < 1536, proc.stdout
+
+
+def _ab_compare():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'ab_compare', osp.join(REPO_ROOT, 'tools/analysis/ab_compare.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_compare_runs_each_tree_in_its_own_process(tmp_path):
+    """A copy of the package as the reference: its process imports the copy
+    (not the installed package), takes the new tree's weights, and computes
+    the same outputs; every run reports its ratio."""
+    shutil.copytree(osp.join(REPO_ROOT, 'mila_det'),
+                    tmp_path / 'ref' / 'mila_det',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    proc = run(osp.join(REPO_ROOT, 'tools/analysis/ab_compare.py'),
+               str(tmp_path / 'ref'), '--backbone', 'mila_t', '--shape', '32',
+               '48', '--runs', '2', '--pairs', '2', '--warmup', '0',
+               '--threads', '1', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    ref_package = osp.join(str(tmp_path / 'ref'), 'mila_det')
+    assert f'ref: {tmp_path / "ref"} ({ref_package}), heap' in out, out
+    assert f'({osp.join(str(REPO_ROOT), "mila_det")})' in out, out
+    assert 'max |new - ref| = 0 of the largest output' in out, out
+    assert len(re.findall(r'run \d: new median [0-9.]+ ms, ref [0-9.]+ ms, '
+                          r'new/ref per pair [0-9.]+', out)) == 2, out
+    assert re.search(r'median over runs [0-9.]+ \(90% interval [0-9.]+-'
+                     r'[0-9.]+\); new slower in \d of 2 runs', out), out
+
+
+def test_ab_compare_unpacks_a_revision_and_names_a_bad_one(tmp_path):
+    ab = _ab_compare()
+    if not osp.isdir(osp.join(REPO_ROOT, '.git')):
+        pytest.skip('not a git checkout')
+    root = ab.ref_tree('HEAD', str(tmp_path / 'head'))
+    assert osp.isfile(osp.join(root, 'mila_det', '__init__.py'))
+    assert not osp.exists(osp.join(root, 'tests'))  # the package only
+    with pytest.raises(SystemExit, match='neither a directory nor a revision'):
+        ab.ref_tree('no-such-revision', str(tmp_path / 'bad'))
+    with pytest.raises(SystemExit, match='holds no mila_det/ package'):
+        ab.ref_tree(str(tmp_path), str(tmp_path / 'unused'))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mila_det.models.backbones import MILA, MLLA
 from mila_det.models.layers import ConvLayer, TokenLinear, dwconv_tokens
+from mila_det.models.layers.fused import HAS_FUSED_CONV
 from tests.conftest import (official_key_listing, reference_file,
                             shape_string)
 from tests.models.reference import assert_reproduces
@@ -127,6 +128,33 @@ def test_dwconv_tokens_reads_and_writes_tokens():
     with pytest.raises(ValueError, match='residual form'):
         dwconv_tokens(torch.nn.Conv2d(12, 12, 3, padding=1), x, (7, 9),
                       residual=True)
+
+
+def test_dwconv_tokens_adds_into_the_given_tokens():
+    """``add_to + conv(x)`` (LePE's sum): equal to the plain sum; written
+    into add_to's memory where no gradient is needed (on CPU with oneDNN's
+    conv-add), never into it where one is."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 12, 3, padding=1, groups=12)
+    x, add_to = torch.randn(2, 7 * 9, 12), torch.randn(2, 7 * 9, 12)
+    conv_out = conv(x.transpose(1, 2).reshape(2, 12, 7, 9))
+    want = add_to + conv_out.flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        got = dwconv_tokens(conv, x, (7, 9), add_to=add_to.clone())
+        torch.testing.assert_close(got, want.detach())
+        target = add_to.clone()
+        got = dwconv_tokens(conv, x, (7, 9), add_to=target)
+    if HAS_FUSED_CONV:
+        assert got.data_ptr() == target.data_ptr()
+    leaf = add_to.clone().requires_grad_()
+    target = leaf * 1.0  # an activation that autograd still needs
+    got = dwconv_tokens(conv, x, (7, 9), add_to=target)
+    torch.testing.assert_close(target.detach(), add_to, rtol=0, atol=0)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert conv.weight.grad is not None and leaf.grad is not None
+    with pytest.raises(ValueError, match='add_to alone'):
+        dwconv_tokens(conv, x, (7, 9), residual=True, add_to=add_to)
 
 
 def test_conv_layer_folds_batchnorm_in_eval():

@@ -219,8 +219,8 @@ def main() -> None:
                         metavar=('H', 'W'))
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
-    parser.add_argument('--runs', type=int, default=8,
-                        help='pairs of fresh processes (default: 8)')
+    parser.add_argument('--runs', type=int, default=10,
+                        help='pairs of fresh processes (default: 10)')
     parser.add_argument('--pairs', type=int, default=6,
                         help='timed steps per tree and run (default: 6)')
     parser.add_argument('--warmup', type=int, default=2,

@@ -115,19 +115,33 @@ class Mlp(nn.Module):
 
 
 def dwconv_tokens(conv: nn.Conv2d, x: Tensor, hw: Tuple[int, int],
-                  residual: bool = False, act: Optional[str] = None) -> Tensor:
+                  residual: bool = False, act: Optional[str] = None,
+                  add_to: Optional[Tensor] = None) -> Tensor:
     """A depthwise conv on tokens ``x: [B, N, C]`` laid out on an ``H x W``
-    grid: ``act(conv(x))``, or ``x + conv(x)`` with ``residual``.
+    grid: ``act(conv(x))``, ``x + conv(x)`` with ``residual``, or ``add_to +
+    conv(x)`` with ``add_to: [B, N, C]``.
 
     The tokens reach the conv as a channels-last view and its output is read
     back as tokens, so nothing is copied. Where :func:`~.fused.can_fold`,
     ``x + conv(x)`` is the conv with the identity added to its centre tap.
+    ``add_to + conv(x)`` is written into ``add_to``'s memory where no
+    gradient is needed (see :func:`~.fused.conv2d_add`): pass a tensor that
+    nothing else reads afterwards.
     """
     b, n, c = x.shape
     if conv.dilation != (1, 1):
         raise ValueError('dwconv_tokens: dilated convs are not supported')
     x_map = x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2)
     weight = conv.weight
+    if add_to is not None:
+        if residual or act is not None:
+            raise ValueError('dwconv_tokens: give add_to alone, without '
+                             'residual or act')
+        c_out = add_to.shape[-1]
+        sum_map = conv2d_add(
+            add_to.reshape(b, hw[0], hw[1], c_out).permute(0, 3, 1, 2),
+            x_map, weight, conv.bias, conv.stride, conv.padding, conv.groups)
+        return sum_map.permute(0, 2, 3, 1).reshape(b, n, c_out)
     if residual:
         kh, kw = weight.shape[-2:]
         if (conv.groups != c or conv.stride != (1, 1)

@@ -259,7 +259,7 @@ class LinearAttention(nn.Module):
         if self.D is not None:
             out = out + self.D * v
         if self.lepe is not None:
-            out = out + dwconv_tokens(self.lepe, v.contiguous(), hw)
+            out = dwconv_tokens(self.lepe, v.contiguous(), hw, add_to=out)
         return out
 
     def _forget_gate(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor,

@@ -122,10 +122,11 @@ def test_breakdown_classes_and_counts():
         assert result[name]['events'] > 0 and result[name]['seconds'] > 0
 
 
-def _load_benchmark():
+def _load_tool(name: str):
+    """The module of ``tools/analysis/<name>.py``."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        'mila_det_benchmark', osp.join(REPO_ROOT, 'tools/analysis/benchmark.py'))
+        f'mila_det_{name}', osp.join(REPO_ROOT, f'tools/analysis/{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -135,7 +136,7 @@ def test_benchmark_peak_sizes_checks_and_reference_mm():
     """--peak-sizes takes positive integers only, and the bracketed
     efficiency is against mm at the first size it was measured at."""
     import argparse
-    bench = _load_benchmark()
+    bench = _load_tool('benchmark')
     assert bench.positive_int('256') == 256
     for bad in ('0', '-512', '2.5', 'x', ''):
         with pytest.raises(argparse.ArgumentTypeError,
@@ -152,7 +153,7 @@ def test_benchmark_peak_sizes_checks_and_reference_mm():
 def test_peak_memory_sees_a_transient_allocation(monkeypatch, kernel_mark):
     """The peak covers a 256 MiB buffer freed before the block ends, both by
     the kernel's high-water mark and by the sampling fallback."""
-    PeakMemory = _load_benchmark().PeakMemory
+    PeakMemory = _load_tool('benchmark').PeakMemory
     if not kernel_mark:
         monkeypatch.setattr(PeakMemory, '_reset_high_water_mark',
                             staticmethod(lambda: False))
@@ -171,7 +172,7 @@ def test_peak_memory_forgets_earlier_peaks(monkeypatch, reset):
     """A 512 MiB peak reached (and unmapped) before the block does not count
     in it: with the kernel's reset, and where the kernel takes the reset
     request but ignores it (then the RSS is sampled instead)."""
-    PeakMemory = _load_benchmark().PeakMemory
+    PeakMemory = _load_tool('benchmark').PeakMemory
     if reset == 'ignored':
         monkeypatch.setattr(PeakMemory, 'CLEAR_REFS', os.devnull)
     earlier = mmap.mmap(-1, 512 * 2**20)
@@ -218,15 +219,6 @@ bench.main()
     assert peak < 1536, proc.stdout
 
 
-def _ab_compare():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'ab_compare', osp.join(REPO_ROOT, 'tools/analysis/ab_compare.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ab_compare_runs_each_tree_in_its_own_process(tmp_path):
     """A copy of the package as the reference: its process imports the copy
     (not the installed package), takes the new tree's weights, and computes
@@ -251,7 +243,7 @@ def test_ab_compare_runs_each_tree_in_its_own_process(tmp_path):
 
 
 def test_ab_compare_unpacks_a_revision_and_names_a_bad_one(tmp_path):
-    ab = _ab_compare()
+    ab = _load_tool('ab_compare')
     if not osp.isdir(osp.join(REPO_ROOT, '.git')):
         pytest.skip('not a git checkout')
     root = ab.ref_tree('HEAD', str(tmp_path / 'head'))

@@ -12,12 +12,12 @@ seed 0 and hands them over; the key sets must match), and the first run
 prints how far their outputs on one input differ.
 
 Two kinds of noise are larger than the differences worth finding, and the
-design cancels both. A shared machine drifts by 10-30% within minutes: the
-two processes take one step each, in turns, in alternating order (only one
-computes at a time), so the steps of a pair meet the same machine state. A
-process is also lastingly fast or slow (where its heap put the large
-buffers: ±5% between fresh processes of one tree): every run starts a fresh
-pair of processes. A run's figure is the median of its per-pair ratios
+design cancels both. On a shared machine a step's time moves by tens of
+percent within minutes: the two processes take one step each, in turns, in
+alternating order (only one computes at a time), so the steps of a pair
+meet the same machine state. A process is also lastingly fast or slow (±5%
+between fresh processes of one tree, probably from where its heap put the
+large buffers): every run starts a fresh pair of processes. A run's figure is the median of its per-pair ratios
 new/ref; the result is the median over runs, with a bootstrap 90% interval.
 """
 import argparse
@@ -175,8 +175,8 @@ def run_pair(args: argparse.Namespace, roots: Dict[str, str], tmp: str,
     weights = osp.join(tmp, 'weights.pth')
     workers = {}
     try:
-        # the new tree builds the weights; which process starts first
-        # alternates between runs
+        # the new tree builds the weights, so it starts first; which tree
+        # steps first alternates between runs
         workers['new'] = Worker('new', roots['new'], args, ('out', weights),
                                 tmp)
         workers['ref'] = Worker('ref', roots['ref'], args, ('in', weights),
@@ -190,7 +190,7 @@ def run_pair(args: argparse.Namespace, roots: Dict[str, str], tmp: str,
                 w.ask(f'check {path}', 'saved')
                 outs.append(torch.load(path))
             diff = max((a - b).abs().max().item() for a, b in zip(*outs))
-            diff /= max(b.abs().max().item() for b in outs[1])
+            diff /= max(b.abs().max().item() for b in outs[1]) or 1.0
         first = (new, ref) if run % 2 == 0 else (ref, new)
         for _ in range(args.warmup):
             for w in first:
